@@ -1,0 +1,43 @@
+// Host-side helpers shared by the CPU and CUDA launchers (needs ATen; never included by device code).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace dalle_fast {
+
+// A tensor seen as [outer, K, inner] around its reduction dim, as a view whenever strides allow
+// (reshape copies only the layouts that cannot be viewed). Element (o, k, i) has logical row-major
+// index (o * K + k) * inner + i, which is what the random stream counts.
+struct ReductionView {
+  at::Tensor t;  // 3-D
+  int64_t outer, K, inner;
+};
+
+inline ReductionView reduction_view(const at::Tensor& x, int64_t dim) {
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= x.size(d);
+  for (int64_t d = dim + 1; d < x.dim(); ++d) inner *= x.size(d);
+  const int64_t K = x.size(dim);
+  return ReductionView{x.reshape({outer, K, inner}), outer, K, inner};
+}
+
+inline void check_logits(const at::Tensor& logits, int64_t dim, const char* op) {
+  TORCH_CHECK(logits.is_floating_point(), op, ": logits: expected a floating-point tensor, got ", logits.scalar_type());
+  TORCH_CHECK(logits.dim() >= 1, op, ": logits: expected at least 1 dimension, got a 0-dim tensor");
+  TORCH_CHECK(dim >= 0 && dim < logits.dim(), op, ": dim: expected a value in [0, ", logits.dim(), "), got ", dim);
+}
+
+inline void check_offset(int64_t offset, int64_t numel, const char* op) {
+  TORCH_CHECK(offset >= 0, op, ": offset: expected >= 0, got ", offset);
+  TORCH_CHECK(offset <= INT64_MAX - numel, op, ": offset: offset + numel must stay below 2**63, got offset ", offset,
+              " and numel ", numel);
+}
+
+inline void check_tau(double tau, const char* op) {
+  TORCH_CHECK(tau > 0 && std::isfinite(tau), op, ": tau: expected a finite value > 0, got ", tau);
+}
+
+}  // namespace dalle_fast

@@ -1,0 +1,28 @@
+// Every schema of dalle_fast lives here (DESIGN section 1). Implementations register themselves from
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fakes and autograd are registered from Python
+// (dalle_fast/ops), so opcheck and torch.compile work on every op.
+//
+// Conventions shared by the ops:
+//   seed    a 64-bit Philox key passed as int64 (two's complement of values in [2**63, 2**64))
+//   offset  the element number of the tensor's first logical element (DESIGN section 3), >= 0
+//   dim     already normalised to [0, logits.dim()) by the Python wrapper; checked again here
+#include <Python.h>
+#include <torch/library.h>
+
+// An importable module, so that `import dalle_fast._C` loads the library and runs the registrations.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(dalle_fast, m) {
+  // Gumbel noise of the logical shape `shape`; `like` is an empty tensor that carries device and dtype.
+  m.def("gumbel_noise(Tensor like, int[] shape, int seed, int offset) -> Tensor");
+  // softmax((logits + g) / tau, dim) in logits' dtype (hard: the one-hot of the argmax), contiguous.
+  m.def("gumbel_softmax_fwd(Tensor logits, float tau, bool hard, int dim, int seed, int offset) -> Tensor");
+  // d loss / d logits of the soft relaxation (also the straight-through gradient of hard mode),
+  // recomputed from the logits and the seed: (1/tau) * y * (grad - sum(grad * y, dim)).
+  m.def("gumbel_softmax_bwd(Tensor grad, Tensor logits, float tau, int dim, int seed, int offset) -> Tensor");
+  // argmax(logits + g, dim) as int64, dim removed (torch.argmax semantics: first index on ties, NaN wins).
+  m.def("gumbel_argmax(Tensor logits, int dim, int seed, int offset) -> Tensor");
+}
