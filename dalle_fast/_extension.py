@@ -16,8 +16,10 @@ def load():
 
         _C = importlib.import_module("dalle_fast._C")
     except ImportError as e:  # not built, or built against another torch
-        load_error = f"dalle_fast._C could not be imported ({type(e).__name__}: {e}); build it with " \
+        load_error = (
+            f"dalle_fast._C could not be imported ({type(e).__name__}: {e}); build it with "
             "`pip install --no-build-isolation -e .`"
+        )
     return _C
 
 

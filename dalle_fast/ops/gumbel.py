@@ -162,7 +162,7 @@ def _check_logits(logits, name: str = "logits") -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in EAGER_DTYPES:
-        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32, float64), got {logits.dtype}")
+        raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {logits.dtype}")
     if logits.dim() == 0:
         raise ValueError(f"{name}: expected at least 1 dimension, got a 0-dim tensor")
 
@@ -261,7 +261,7 @@ def gumbel_argmax(logits, dim=-1, *, seed=None, offset=0, backend=None):
     _check_logits(logits)
     dim = _check_dim(dim, logits.dim())
     if logits.shape[dim] == 0:
-        raise ValueError(f"logits: expected a non-empty dim {dim} to take the argmax over, got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits: expected a non-empty dim {dim} for the argmax, got shape {tuple(logits.shape)}")
     seed = _check_seed(seed)
     offset = _check_offset(offset, logits.numel())
     device = logits.device
