@@ -619,9 +619,12 @@ __global__ void __launch_bounds__(kColThreads)
       column_allreduce(best, red);
       if constexpr (WRITE_INDEX) {
         if (threadIdx.y == 0) {
-          for (int e = 0; e < cq.nvalid; ++e) {
-            DF_DEVICE_CHECK(best[e].i >= 0 && best[e].i < K);
-            idx[o * inner + cq.i0 + e] = best[e].i;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {  // static indices: best[] stays in registers
+            if (e < cq.nvalid) {
+              DF_DEVICE_CHECK(best[e].i >= 0 && best[e].i < K);
+              idx[o * inner + cq.i0 + e] = best[e].i;
+            }
           }
         }
       } else if (cq.nvalid > 0) {
@@ -653,7 +656,6 @@ __global__ void __launch_bounds__(kColThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) st[e] = softmax_stats_init();
       if (cq.nvalid > 0) {
-#pragma unroll 2
         for (int64_t k = threadIdx.y; k < K; k += blockDim.y) {
           const int64_t rb = (o * K + k) * inner, f0 = rb + cq.i0;
           float v[4], w[4], g[4];
@@ -673,7 +675,6 @@ __global__ void __launch_bounds__(kColThreads)
         dot[e] = st[e].t * inv_s[e];
       }
       if (cq.nvalid > 0) {
-#pragma unroll 2
         for (int64_t k = threadIdx.y; k < K; k += blockDim.y) {
           const int64_t rb = (o * K + k) * inner, f0 = rb + cq.i0;
           float v[4], w[4], g[4];
@@ -801,8 +802,7 @@ at::Tensor gumbel_noise_cuda(const at::Tensor& like, at::IntArrayRef shape, int6
 }
 
 // The argmax of (x + g) along dim: into `y` as a one-hot (hard forward) or into `idx` (gumbel_argmax).
-void launch_argmax(const at::Tensor& x, const Shape3& s, int64_t seed, int64_t offset, at::Tensor* y, at::Tensor* idx,
-                   const char* op) {
+void launch_argmax(const at::Tensor& x, const Shape3& s, int64_t seed, int64_t offset, at::Tensor* y, at::Tensor* idx) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool x_al = aligned_for_quads(x.data_ptr(), x.scalar_type());
   const bool y_al = y == nullptr || aligned_for_quads(y->data_ptr(), y->scalar_type());
@@ -852,7 +852,7 @@ at::Tensor gumbel_softmax_fwd_cuda(const at::Tensor& logits, double tau, bool ha
   if (x.numel() == 0) return y;
   const Shape3 s = shape3(x, dim);
   if (hard) {
-    launch_argmax(x, s, seed, offset, &y, nullptr, op);
+    launch_argmax(x, s, seed, offset, &y, nullptr);
     return y;
   }
   const float inv_tau = static_cast<float>(1.0 / tau);
@@ -960,7 +960,7 @@ at::Tensor gumbel_argmax_cuda(const at::Tensor& logits, int64_t dim, int64_t see
               " (argmax of an empty reduction has no value), got shape ", logits.sizes());
   const at::Tensor x = logits.contiguous();
   const Shape3 s = shape3(x, dim);
-  launch_argmax(x, s, seed, offset, nullptr, &idx, op);
+  launch_argmax(x, s, seed, offset, nullptr, &idx);
   return idx;
 }
 
