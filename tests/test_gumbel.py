@@ -217,6 +217,14 @@ def test_hard_is_one_hot_with_soft_gradient(device, backend):
     x_soft = x.detach().clone().requires_grad_(True)
     (ops.gumbel_softmax(x_soft, 0.5, False, -1, seed=21, backend="eager") * w).sum().backward()
     assert_close(x.grad, x_soft.grad, scale=2)
+    # an exact one-hot even where the soft sample is NaN: the first NaN is the argmax, as in torch.argmax
+    bad = x.detach().clone()
+    bad[1, 5] = bad[1, 9] = float("nan")
+    bad[2, :] = -float("inf")
+    bad[2, 17] = 3.0
+    y = ops.gumbel_softmax(bad, 0.5, True, -1, seed=21, backend=backend)
+    assert torch.equal(y.cpu(), reference.gumbel_softmax(bad.cpu(), 0.5, True, -1, 21))
+    assert y[1, 5].item() == 1 and y[2, 17].item() == 1
 
 
 @device_backends
