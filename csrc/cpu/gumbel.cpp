@@ -206,24 +206,42 @@ inline int64_t row_first_index_of(const float* z, int64_t n, float m) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Tile kernels (inner > 1): K rows of W contiguous columns; z in place over the noise of each row.
+// Tile kernels (inner > 1): K rows of W contiguous columns (row k of the tile at x + k * inner).
+// The scores live in a [K][kW] scratch; the noise is made kRowBatch rows at a time, just before use.
 // W is a compile-time width (16, 8 or 4) so that the column loops become SIMD vectors; Wt = 0 is the
 // ragged last tile, with the runtime width w < 16.
+//
+// Rows are `inner` elements apart (4 KB for the dVAE's 32x32 maps), so every row of a tile is on a new
+// page, where the hardware prefetchers stop: the loops prefetch the rows kPrefetchRows ahead themselves.
 
 constexpr int kMaxW = 16;
+constexpr int64_t kRowBatch = 64;  // rows whose Philox blocks are computed in one vectorised call
+constexpr int64_t kPrefetchRows = 16;
 
 template <int Wt>
 struct Width {
-  static constexpr int kW = Wt == 0 ? kMaxW : Wt;  // size of the per-column arrays
+  static constexpr int kW = Wt == 0 ? kMaxW : Wt;  // the scratch row length and per-column array size
   int wr;
-  int w() const { return Wt == 0 ? wr : Wt; }    // a constant, so a full SIMD vector, unless ragged
+  int w() const { return Wt == 0 ? wr : Wt; }  // a constant, so a full SIMD vector, unless ragged
 };
 
-// z = (x + g) * scale for every row of the tile; m[c] = max over rows (NaN wins); when idx is given,
-// also the first row index of the max of each column (argmax rules).
+template <typename T>
+inline void prefetch_row(const T* p, int64_t k, int64_t K, int64_t stride, bool write) {
+  if (k + kPrefetchRows < K) {
+    if (write) {
+      __builtin_prefetch(p + (k + kPrefetchRows) * stride, 1);
+    } else {
+      __builtin_prefetch(p + (k + kPrefetchRows) * stride, 0);
+    }
+  }
+}
+
+// z[k][c] = (x[k][c] + g) * scale for the tile whose element (0, 0) has element number `first`;
+// m[c] = max over rows (NaN wins); when idx is given, also the first row of each column's max.
 template <int Wt, typename T>
-DF_CLONES void tile_scores(RunNoise& nz, const T* __restrict x, int64_t K, int64_t row_stride, int wr, float scale,
-                           float* __restrict m, int64_t* __restrict idx) {
+DF_CLONES void tile_scores(RunNoise& nz, uint64_t seed, uint64_t first, const T* __restrict x, int64_t K,
+                           int64_t inner, int wr, float scale, float* __restrict z, float* __restrict m,
+                           int64_t* __restrict idx) {
   const Width<Wt> W{wr};
   constexpr int kW = Width<Wt>::kW;
   float mc[kW];
@@ -232,15 +250,22 @@ DF_CLONES void tile_scores(RunNoise& nz, const T* __restrict x, int64_t K, int64
     mc[c] = -INFINITY;
     ic[c] = 0;
   }
-  for (int64_t k = 0; k < K; ++k) {
-    float* __restrict z = nz.at(k);
-    const T* __restrict xr = x + k * row_stride;
-    for (int c = 0; c < W.w(); ++c) {
-      const float v = (to_f32(xr[c]) + z[c]) * scale;
-      z[c] = v;
-      const bool take = v > mc[c] || (is_nan(v) && !is_nan(mc[c]));  // strict: ties keep the first row
-      mc[c] = take ? v : mc[c];
-      ic[c] = take ? k : ic[c];
+  for (int64_t k0 = 0; k0 < K; k0 += kRowBatch) {
+    const int64_t rb = std::min(kRowBatch, K - k0);
+    nz.compute(seed, first + static_cast<uint64_t>(k0 * inner), static_cast<uint64_t>(inner), rb, W.w());
+    for (int64_t r = 0; r < rb; ++r) {
+      const int64_t k = k0 + r;
+      prefetch_row(x, k, K, inner, false);
+      const float* __restrict g = nz.at(r);
+      const T* __restrict xr = x + k * inner;
+      float* __restrict zr = z + k * kW;
+      for (int c = 0; c < W.w(); ++c) {
+        const float v = (to_f32(xr[c]) + g[c]) * scale;
+        zr[c] = v;
+        const bool take = v > mc[c] || (is_nan(v) && !is_nan(mc[c]));  // strict: ties keep the first row
+        mc[c] = take ? v : mc[c];
+        ic[c] = take ? k : ic[c];
+      }
     }
   }
   for (int c = 0; c < W.w(); ++c) {
@@ -251,7 +276,7 @@ DF_CLONES void tile_scores(RunNoise& nz, const T* __restrict x, int64_t K, int64
 
 // e = exp(z - m[c]) in place; s[c] = sum of e over rows, t[c] = sum of dy * e (when dy is given).
 template <int Wt, typename G>
-DF_CLONES void tile_exp_sums(RunNoise& nz, const G* __restrict dy, int64_t K, int64_t dy_row_stride, int wr,
+DF_CLONES void tile_exp_sums(float* __restrict z, const G* __restrict dy, int64_t K, int64_t inner, int wr,
                              const float* __restrict m, float* __restrict s, float* __restrict t) {
   const Width<Wt> W{wr};
   constexpr int kW = Width<Wt>::kW;
@@ -261,12 +286,13 @@ DF_CLONES void tile_exp_sums(RunNoise& nz, const G* __restrict dy, int64_t K, in
     mc[c] = c < W.w() ? m[c] : 0.f;
   }
   for (int64_t k = 0; k < K; ++k) {
-    float* __restrict e = nz.at(k);
+    float* __restrict e = z + k * kW;
+    if (dy) prefetch_row(dy, k, K, inner, false);
     for (int c = 0; c < W.w(); ++c) {
       const float v = exp_finite_or_zero(e[c] - mc[c]);
       e[c] = v;
       sc[c] += v;
-      if (dy) tc[c] += to_f32(dy[k * dy_row_stride + c]) * v;
+      if (dy) tc[c] += to_f32(dy[k * inner + c]) * v;
     }
   }
   for (int c = 0; c < W.w(); ++c) {
@@ -276,23 +302,23 @@ DF_CLONES void tile_exp_sums(RunNoise& nz, const G* __restrict dy, int64_t K, in
 }
 
 template <int Wt, typename T>
-DF_CLONES void tile_scale_store(RunNoise& nz, int64_t K, int wr, const float* __restrict inv_s, T* __restrict y,
-                                int64_t y_row_stride) {
+DF_CLONES void tile_scale_store(const float* __restrict z, int64_t K, int64_t inner, int wr,
+                                const float* __restrict inv_s, T* __restrict y) {
   const Width<Wt> W{wr};
   constexpr int kW = Width<Wt>::kW;
   float a[kW];
   for (int c = 0; c < kW; ++c) a[c] = c < W.w() ? inv_s[c] : 0.f;
   for (int64_t k = 0; k < K; ++k) {
-    const float* __restrict e = nz.at(k);
-    T* __restrict yr = y + k * y_row_stride;
+    prefetch_row(y, k, K, inner, true);
+    const float* __restrict e = z + k * kW;
+    T* __restrict yr = y + k * inner;
     for (int c = 0; c < W.w(); ++c) yr[c] = from_f32<T>(e[c] * a[c]);
   }
 }
 
 template <int Wt, typename T, typename G>
-DF_CLONES void tile_grad_store(RunNoise& nz, const G* __restrict dy, int64_t dy_row_stride, int64_t K, int wr,
-                               const float* __restrict a, const float* __restrict b, T* __restrict dx,
-                               int64_t dx_row_stride) {
+DF_CLONES void tile_grad_store(const float* __restrict z, const G* __restrict dy, int64_t K, int64_t inner, int wr,
+                               const float* __restrict a, const float* __restrict b, T* __restrict dx) {
   const Width<Wt> W{wr};
   constexpr int kW = Width<Wt>::kW;
   float ac[kW], bc[kW];
@@ -301,23 +327,24 @@ DF_CLONES void tile_grad_store(RunNoise& nz, const G* __restrict dy, int64_t dy_
     bc[c] = c < W.w() ? b[c] : 0.f;
   }
   for (int64_t k = 0; k < K; ++k) {
-    const float* __restrict e = nz.at(k);
-    const G* __restrict dyr = dy + k * dy_row_stride;
-    T* __restrict dxr = dx + k * dx_row_stride;
+    prefetch_row(dx, k, K, inner, true);
+    const float* __restrict e = z + k * kW;
+    const G* __restrict dyr = dy + k * inner;
+    T* __restrict dxr = dx + k * inner;
     for (int c = 0; c < W.w(); ++c) dxr[c] = from_f32<T>(e[c] * ac[c] * (to_f32(dyr[c]) - bc[c]));
   }
 }
 
 template <int Wt, typename T>
-DF_CLONES void tile_one_hot_store(int64_t K, int wr, const int64_t* __restrict idx, T* __restrict y,
-                                  int64_t y_row_stride) {
+DF_CLONES void tile_one_hot_store(int64_t K, int64_t inner, int wr, const int64_t* __restrict idx, T* __restrict y) {
   const Width<Wt> W{wr};
   constexpr int kW = Width<Wt>::kW;
   int64_t ic[kW];
   for (int c = 0; c < kW; ++c) ic[c] = c < W.w() ? idx[c] : -1;
   const T one = from_f32<T>(1.f), zero = from_f32<T>(0.f);
   for (int64_t k = 0; k < K; ++k) {
-    T* __restrict yr = y + k * y_row_stride;
+    prefetch_row(y, k, K, inner, true);
+    T* __restrict yr = y + k * inner;
     for (int c = 0; c < W.w(); ++c) yr[c] = ic[c] == k ? one : zero;
   }
 }
@@ -333,53 +360,61 @@ struct Problem {
   float inv_tau;
 };
 
-// Columns per tile: as wide as the SIMD lanes allow while a tile's scratch (about K * (W + 8) floats of
-// noise/scores plus K * (W/4 + 2) counters) stays within about 1 MB of L2.
+// Columns per tile: 16 (a cache line of fp32) while the [K][16] score scratch stays within half of the
+// 1 MB L2 we measured on; narrower for longer reductions so that the scratch stays modest.
 inline int tile_width(int64_t K, int64_t inner) {
   if (inner < 8 || K > 16384) return 4;
-  if (inner < 16 || K > 4096) return 8;
+  if (inner < 16 || K > 8192) return 8;
   return 16;
 }
 
+struct Scratch {
+  RunNoise nz;
+  std::vector<float> z;
+};
+
 // One tile: columns [i0, i0 + wr) of outer slice o. The width template Wt is 16/8/4, or 0 for ragged.
 template <int Wt, typename T, typename G>
-void run_tile(Mode mode, const Problem& p, RunNoise& nz, int64_t o, int64_t i0, int wr, const T* x, const G* dy,
-              T* y, int64_t* am) {
+void run_tile(Mode mode, const Problem& p, Scratch& sc, int64_t o, int64_t i0, int wr, const T* x, const G* dy, T* y,
+              int64_t* am) {
   const int64_t K = p.K, inner = p.inner;
   const int64_t base = o * K * inner + i0;  // logical (and contiguous) index of element (o, 0, i0)
-  nz.compute(p.seed, p.offset + static_cast<uint64_t>(base), static_cast<uint64_t>(inner), K, wr);
+  const uint64_t first = p.offset + static_cast<uint64_t>(base);
+  sc.z.resize(K * Width<Wt>::kW);
+  float* z = sc.z.data();
   float m[kMaxW], s[kMaxW], t[kMaxW], a[kMaxW], b[kMaxW];
   int64_t idx[kMaxW];
   if (mode == Mode::kHard || mode == Mode::kArgmax) {
-    tile_scores<Wt, T>(nz, x + base, K, inner, wr, 1.f, m, idx);  // argmax of x + g, before the 1/tau
+    // The argmax of x + g, before the 1/tau (whose rounding could make ties).
+    tile_scores<Wt, T>(sc.nz, p.seed, first, x + base, K, inner, wr, 1.f, z, m, idx);
     if (mode == Mode::kArgmax) {
       std::memcpy(am + o * inner + i0, idx, sizeof(int64_t) * wr);
     } else {
-      tile_one_hot_store<Wt, T>(K, wr, idx, y + base, inner);
+      tile_one_hot_store<Wt, T>(K, inner, wr, idx, y + base);
     }
     return;
   }
-  tile_scores<Wt, T>(nz, x + base, K, inner, wr, p.inv_tau, m, nullptr);
+  tile_scores<Wt, T>(sc.nz, p.seed, first, x + base, K, inner, wr, p.inv_tau, z, m, nullptr);
   if (mode == Mode::kSoft) {
-    tile_exp_sums<Wt, G>(nz, nullptr, K, 0, wr, m, s, t);
+    tile_exp_sums<Wt, G>(z, nullptr, K, inner, wr, m, s, t);
     for (int c = 0; c < wr; ++c) a[c] = 1.f / s[c];
-    tile_scale_store<Wt, T>(nz, K, wr, a, y + base, inner);
+    tile_scale_store<Wt, T>(z, K, inner, wr, a, y + base);
   } else {
-    tile_exp_sums<Wt, G>(nz, dy + base, K, inner, wr, m, s, t);
+    tile_exp_sums<Wt, G>(z, dy + base, K, inner, wr, m, s, t);
     for (int c = 0; c < wr; ++c) {
       a[c] = p.inv_tau / s[c];
       b[c] = t[c] / s[c];
     }
-    tile_grad_store<Wt, T, G>(nz, dy + base, inner, K, wr, a, b, y + base, inner);
+    tile_grad_store<Wt, T, G>(z, dy + base, K, inner, wr, a, b, y + base);
   }
 }
 
 template <typename T, typename G>
-void run_row(Mode mode, const Problem& p, RunNoise& nz, int64_t o, const T* x, const G* dy, T* y, int64_t* am) {
+void run_row(Mode mode, const Problem& p, Scratch& sc, int64_t o, const T* x, const G* dy, T* y, int64_t* am) {
   const int64_t K = p.K;
   const int64_t base = o * K;
-  nz.compute(p.seed, p.offset + static_cast<uint64_t>(base), 0, 1, K);
-  float* z = nz.at(0);
+  sc.nz.compute(p.seed, p.offset + static_cast<uint64_t>(base), 0, 1, K);
+  float* z = sc.nz.at(0);
   if (mode == Mode::kHard || mode == Mode::kArgmax) {
     const float m = row_scores<T>(x + base, z, K, 1.f);  // argmax of x + g, before the 1/tau
     const int64_t i = row_first_index_of(z, K, m);
@@ -409,8 +444,8 @@ void run(Mode mode, const Problem& p, const T* x, const G* dy, T* y, int64_t* am
   if (p.inner == 1) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.K, 1));
     at::parallel_for(0, p.outer, grain, [&](int64_t begin, int64_t end) {
-      RunNoise nz;
-      for (int64_t o = begin; o < end; ++o) run_row<T, G>(mode, p, nz, o, x, dy, y, am);
+      Scratch sc;
+      for (int64_t o = begin; o < end; ++o) run_row<T, G>(mode, p, sc, o, x, dy, y, am);
     });
     return;
   }
@@ -418,19 +453,19 @@ void run(Mode mode, const Problem& p, const T* x, const G* dy, T* y, int64_t* am
   const int64_t tiles_per_outer = (p.inner + W - 1) / W;
   const int64_t grain = std::max<int64_t>(1, 16384 / (std::max<int64_t>(p.K, 1) * W));
   at::parallel_for(0, p.outer * tiles_per_outer, grain, [&](int64_t begin, int64_t end) {
-    RunNoise nz;
+    Scratch sc;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t o = tile / tiles_per_outer;
       const int64_t i0 = (tile % tiles_per_outer) * W;
       const int wr = static_cast<int>(std::min<int64_t>(W, p.inner - i0));
       if (wr != W) {
-        run_tile<0, T, G>(mode, p, nz, o, i0, wr, x, dy, y, am);
+        run_tile<0, T, G>(mode, p, sc, o, i0, wr, x, dy, y, am);
       } else if (W == 16) {
-        run_tile<16, T, G>(mode, p, nz, o, i0, wr, x, dy, y, am);
+        run_tile<16, T, G>(mode, p, sc, o, i0, wr, x, dy, y, am);
       } else if (W == 8) {
-        run_tile<8, T, G>(mode, p, nz, o, i0, wr, x, dy, y, am);
+        run_tile<8, T, G>(mode, p, sc, o, i0, wr, x, dy, y, am);
       } else {
-        run_tile<4, T, G>(mode, p, nz, o, i0, wr, x, dy, y, am);
+        run_tile<4, T, G>(mode, p, sc, o, i0, wr, x, dy, y, am);
       }
     }
   });

@@ -58,6 +58,10 @@ DF_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) 
   uint32_t c2 = 0, c3 = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10  // unrolled, a loop over counters around this call vectorises (CPU backend)
+#elif defined(__clang__)
+#pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t p0 = c0, p2 = c2;
@@ -174,11 +178,18 @@ DF_HD float exp_finite_or_zero(float x) {
   return x != x ? x : (x < -86.f ? 0.f : (x > 88.f ? INFINITY : y));  // ...and is restored here
 }
 
+// max(a, b) for non-negative, non-NaN floats, as an integer max of the bit patterns (which order like
+// the values). A float select in front of a log lets GCC thread the constant branch into control flow
+// that stops the loop from vectorising; an integer max does not.
+DF_HD float max_nonnegative(float a, float b) {
+  const uint32_t x = float_as_uint32(a), y = float_as_uint32(b);
+  return uint32_as_float(x > y ? x : y);
+}
+
 // The guarded Gumbel map of gumbel_from_uniform with the vectorisable log (same guard, same range).
 DF_HD float gumbel_from_uniform_vec(float u) {
-  const float uc = u > kGumbelUMin ? u : kGumbelUMin;
-  const float nl = -log_positive_normal(uc);  // in [2^-24 - ish, 22.2]: positive and normal
-  const float t = nl > kGumbelTMin ? nl : kGumbelTMin;
+  const float uc = max_nonnegative(u, kGumbelUMin);           // u >= 0
+  const float t = max_nonnegative(-log_positive_normal(uc), kGumbelTMin);  // -log(uc) > 0 since uc < 1
   return -log_positive_normal(t);
 }
 
