@@ -15,19 +15,19 @@
 //   inner >  1 (dim = 1 of [B, 8192, H, W] etc.): one task = a range of tiles; a tile is W consecutive
 //                          inner columns (W = 16, 8 or 4; fewer at a ragged end) across all K. Each of
 //                          its K rows is W contiguous elements with consecutive element numbers, so loads
-//                          are sequential, the K runs' Philox blocks are computed in one vectorised batch,
-//                          and every column statistic (max, sums, argmax) lives in W SIMD lanes. No
-//                          transposed copy is made.
-// Scratch is per task and per tile: the tile's noise, overwritten in place by its scores z (K * W
-// floats, plus a few floats of padding per row), and the Philox counters; never a tensor-sized temporary.
-// Per reduction the passes are: (1) Philox + noise map for the whole row/tile (vectorised over blocks),
-// (2) z = (x + g) / tau and its max, (3) e = exp(z - m) in place and the sums, (4) the output. Passes
-// 2-4 run on data in L1/L2.
+//                          are sequential within a row, and every column statistic (max, sums, argmax)
+//                          lives in W SIMD lanes. No transposed copy is made.
+// Scratch is per task: a row's noise (overwritten in place by its scores z), or a tile's [K][W] scores
+// plus the noise of kRowBatch rows at a time; never a tensor-sized temporary (K * W * 4 bytes = 512 KB
+// for the dVAE's K = 8192). Per reduction the passes are: (1) Philox + noise map, vectorised across
+// Philox blocks, (2) z = (x + g) / tau and its max, (3) e = exp(z - m) in place and the sums, (4) the
+// output. Passes 3-4 read the scores from L1/L2, not the noise again from Philox.
 //
-// Vectorisation. The hot loops are written over independent elements with only selects (no branches,
-// no library calls: log and exp come from math.h's branch-free versions) and are compiled three times
-// (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA, baseline SSE2) by target_clones, picked at load time.
-// The Philox loop vectorises across blocks: 10 rounds of 32x32-bit multiplies on 8 or 16 counters at a time.
+// Vectorisation. Philox runs on 16 (AVX-512) or 8 (AVX2) blocks per instruction, written with
+// intrinsics (see philox_soa). The other hot loops are written over independent elements with only
+// selects (no branches, no library calls: log and exp come from math.h's branch-free versions) and are
+// compiled three times (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA, baseline SSE2) by target_clones,
+// picked at load time.
 //
 // Non-contiguous logits and grads are made contiguous first (the dVAE and sampler layouts never need it).
 #include <ATen/ATen.h>
@@ -153,9 +153,13 @@ __attribute__((target("avx2"))) void philox_soa_avx2(uint32_t k0, uint32_t k1, c
 }
 
 enum class PhiloxIsa { kScalar, kAvx2, kAvx512 };
-const PhiloxIsa kPhiloxIsa = __builtin_cpu_supports("avx512f") ? PhiloxIsa::kAvx512
-                             : __builtin_cpu_supports("avx2")  ? PhiloxIsa::kAvx2
-                                                               : PhiloxIsa::kScalar;
+PhiloxIsa detect_philox_isa() {
+  __builtin_cpu_init();  // needed before __builtin_cpu_supports in a static initialiser
+  return __builtin_cpu_supports("avx512f") ? PhiloxIsa::kAvx512
+         : __builtin_cpu_supports("avx2")  ? PhiloxIsa::kAvx2
+                                           : PhiloxIsa::kScalar;
+}
+const PhiloxIsa kPhiloxIsa = detect_philox_isa();
 #endif
 
 void philox_soa(uint32_t k0, uint32_t k1, const uint32_t* lo, const uint32_t* hi, int64_t nq, uint32_t* raw) {
@@ -189,8 +193,7 @@ DF_CLONES void gumbel_from_soa(const uint32_t* __restrict raw, int64_t nq, float
 // The noise of `nrun` runs of `len` consecutive element numbers, run r starting at first + r * stride.
 // Every Philox block a run touches is computed once for that run and all its lanes that fall in the run
 // are used, so only a block straddling two runs is computed twice (the ragged edges). After compute(),
-// the noise of element number first + r * stride + j is at(r)[j]; the storage is also the scratch that
-// the callers overwrite with scores in place.
+// the noise of element number first + r * stride + j is at(r)[j].
 struct RunNoise {
   std::vector<uint32_t> lo, hi, raw;
   std::vector<float> g;
@@ -224,7 +227,7 @@ struct RunNoise {
 };
 
 // ------------------------------------------------------------------------------------------------
-// Row kernels (inner == 1): a row of K contiguous elements, z computed in place over its noise.
+// Row kernels (inner == 1): a row of K contiguous elements.
 
 constexpr int kLanes = 16;  // independent accumulators of the row reductions (one AVX-512 vector)
 
@@ -232,22 +235,23 @@ inline bool is_nan(float v) { return v != v; }
 // The max of torch.argmax / softmax: NaN beats everything.
 inline float max_nan(float m, float v) { return (v > m || is_nan(v)) ? v : m; }
 
-// z[j] = (x[j] + z[j]) * scale (z holds the noise on entry); returns max_j z[j] (NaN if any is NaN).
+// z[j] = (x[j] + g[j]) * scale; returns max_j z[j] (NaN if any is NaN).
 template <typename T>
-DF_CLONES float row_scores(const T* __restrict x, float* __restrict z, int64_t n, float scale) {
+DF_CLONES float row_scores(const T* __restrict x, const float* __restrict g, float* __restrict z, int64_t n,
+                           float scale) {
   float ml[kLanes];
   for (int l = 0; l < kLanes; ++l) ml[l] = -INFINITY;
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float v = (to_f32(x[j + l]) + z[j + l]) * scale;
+      const float v = (to_f32(x[j + l]) + g[j + l]) * scale;
       z[j + l] = v;
       ml[l] = max_nan(ml[l], v);
     }
   }
   float m = -INFINITY;
   for (; j < n; ++j) {
-    const float v = (to_f32(x[j]) + z[j]) * scale;
+    const float v = (to_f32(x[j]) + g[j]) * scale;
     z[j] = v;
     m = max_nan(m, v);
   }
@@ -321,6 +325,7 @@ inline int64_t row_first_index_of(const float* z, int64_t n, float m) {
 constexpr int kMaxW = 16;
 constexpr int64_t kRowBatch = 64;  // rows whose Philox blocks are computed in one vectorised call
 constexpr int64_t kPrefetchRows = 16;
+constexpr int64_t kRowChunk = 2048;  // elements of a row (inner == 1) whose noise is made at once
 
 template <int Wt>
 struct Width {
@@ -513,14 +518,27 @@ void run_tile(Mode mode, const Problem& p, Scratch& sc, int64_t o, int64_t i0, i
   }
 }
 
+// z[j] = (x[j] + g[j]) * scale over a row, the noise made kRowChunk elements at a time so that it is
+// consumed from L1; returns the row's max (NaN wins).
+template <typename T>
+float row_scores_chunked(const Problem& p, Scratch& sc, int64_t base, const T* x, float* z, float scale) {
+  float m = -INFINITY;
+  for (int64_t j0 = 0; j0 < p.K; j0 += kRowChunk) {
+    const int64_t n = std::min(kRowChunk, p.K - j0);
+    sc.nz.compute(p.seed, p.offset + static_cast<uint64_t>(base + j0), 0, 1, n);
+    m = max_nan(m, row_scores<T>(x + base + j0, sc.nz.at(0), z + j0, n, scale));
+  }
+  return m;
+}
+
 template <typename T, typename G>
 void run_row(Mode mode, const Problem& p, Scratch& sc, int64_t o, const T* x, const G* dy, T* y, int64_t* am) {
   const int64_t K = p.K;
   const int64_t base = o * K;
-  sc.nz.compute(p.seed, p.offset + static_cast<uint64_t>(base), 0, 1, K);
-  float* z = sc.nz.at(0);
+  sc.z.resize(K);
+  float* z = sc.z.data();
   if (mode == Mode::kHard || mode == Mode::kArgmax) {
-    const float m = row_scores<T>(x + base, z, K, 1.f);  // argmax of x + g, before the 1/tau
+    const float m = row_scores_chunked<T>(p, sc, base, x, z, 1.f);  // argmax of x + g, before the 1/tau
     const int64_t i = row_first_index_of(z, K, m);
     if (mode == Mode::kArgmax) {
       am[o] = i;
@@ -531,7 +549,7 @@ void run_row(Mode mode, const Problem& p, Scratch& sc, int64_t o, const T* x, co
     }
     return;
   }
-  const float m = row_scores<T>(x + base, z, K, p.inv_tau);
+  const float m = row_scores_chunked<T>(p, sc, base, x, z, p.inv_tau);
   float s, t;
   if (mode == Mode::kSoft) {
     row_exp_sums<G>(z, nullptr, K, m, &s, &t);
@@ -633,7 +651,7 @@ at::Tensor gumbel_noise_cpu(const at::Tensor& like, at::IntArrayRef shape, int64
   check_offset(offset, numel, op);
   at::Tensor out = at::empty(shape, like.options().memory_format(at::MemoryFormat::Contiguous));
   if (numel == 0) return out;
-  constexpr int64_t kChunk = 16384;  // elements per noise run (multiple of 4: runs start aligned)
+  constexpr int64_t kChunk = 4096;  // elements per noise run (multiple of 4: runs start aligned)
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     T* y = out.data_ptr<T>();
