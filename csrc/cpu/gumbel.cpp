@@ -208,7 +208,7 @@ struct RunNoise {
     }
     lo.resize(nq);
     hi.resize(nq);
-    g.resize(4 * nq + 16);  // + 16: the tile loops may read (never use) a little past the last run
+    g.resize(4 * nq);
     int64_t q = 0;
     for (int64_t r = 0; r < nrun; ++r) {
       const uint64_t a = first + static_cast<uint64_t>(r) * stride;
