@@ -2,6 +2,8 @@
 
 import importlib
 
+import torch
+
 _C = None
 load_error: str | None = None
 
@@ -11,9 +13,7 @@ def load():
     global _C, load_error
     if _C is not None or load_error is not None:
         return _C
-    try:
-        import torch  # noqa: F401  (the library registers into torch's dispatcher)
-
+    try:  # torch is imported first: the library registers into its dispatcher
         _C = importlib.import_module("dalle_fast._C")
     except ImportError as e:  # not built, or built against another torch
         load_error = (
@@ -23,10 +23,9 @@ def load():
     return _C
 
 
+@torch.compiler.assume_constant_result  # registration does not change while a graph runs
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the extension registered an implementation of dalle_fast::<op> for a dispatch key."""
-    import torch
-
     if load() is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"dalle_fast::{op}", dispatch_key)
