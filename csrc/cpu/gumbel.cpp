@@ -183,10 +183,10 @@ void philox_soa(uint32_t k0, uint32_t k1, const uint32_t* lo, const uint32_t* hi
 DF_CLONES void gumbel_from_soa(const uint32_t* __restrict raw, int64_t nq, float* __restrict out) {
 #pragma omp simd
   for (int64_t q = 0; q < nq; ++q) {
-    out[4 * q + 0] = gumbel_from_uint32_vec(raw[q]);
-    out[4 * q + 1] = gumbel_from_uint32_vec(raw[nq + q]);
-    out[4 * q + 2] = gumbel_from_uint32_vec(raw[2 * nq + q]);
-    out[4 * q + 3] = gumbel_from_uint32_vec(raw[3 * nq + q]);
+    out[4 * q + 0] = gumbel_from_uint32(raw[q]);
+    out[4 * q + 1] = gumbel_from_uint32(raw[nq + q]);
+    out[4 * q + 2] = gumbel_from_uint32(raw[2 * nq + q]);
+    out[4 * q + 3] = gumbel_from_uint32(raw[3 * nq + q]);
   }
 }
 

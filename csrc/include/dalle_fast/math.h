@@ -92,22 +92,6 @@ DF_HD float uniform_from_uint32(uint32_t bits) {
   return static_cast<float>(x) * kUintToUniformScale;
 }
 
-DF_HD float gumbel_from_uniform(float u) {
-  // Full-precision logf on the device too: the largest noise values, which decide argmaxes, come
-  // from u near 1, where an approximate log loses all relative accuracy of -log(u).
-#if defined(__CUDA_ARCH__)
-  const float t = fmaxf(-logf(fmaxf(u, kGumbelUMin)), kGumbelTMin);
-  return -logf(t);
-#else
-  const float t = std::fmax(-std::log(std::fmax(u, kGumbelUMin)), kGumbelTMin);
-  return -std::log(t);
-#endif
-}
-
-DF_HD float gumbel_from_uint32(uint32_t bits) { return gumbel_from_uniform(uniform_from_uint32(bits)); }
-
-DF_HD float gumbel_at(uint64_t seed, uint64_t n) { return gumbel_from_uint32(philox_uint32_at(seed, n)); }
-
 // ---- Branch-free log and exp for loops that must vectorise on the CPU ----
 // std::log / std::exp are library calls that keep a CPU loop scalar (about 20x slower than the SIMD
 // code around them). These two are plain float/integer arithmetic with selects only, so a compiler
@@ -186,14 +170,19 @@ DF_HD float max_nonnegative(float a, float b) {
   return uint32_as_float(x > y ? x : y);
 }
 
-// The guarded Gumbel map of gumbel_from_uniform with the vectorisable log (same guard, same range).
-DF_HD float gumbel_from_uniform_vec(float u) {
-  const float uc = max_nonnegative(u, kGumbelUMin);           // u >= 0
-  const float t = max_nonnegative(-log_positive_normal(uc), kGumbelTMin);  // -log(uc) > 0 since uc < 1
+// uniform -> Gumbel, the one map of every C++ and CUDA kernel (DESIGN section 3):
+//   t = max(-log(max(u, 2^-32)), 2^-24),  g = -log(t)
+// with the branch-free log above, so the CPU loops vectorise and the GPU runs the very same arithmetic.
+// u <= 1 - 2^-24 keeps -log(u) positive, which max_nonnegative needs.
+DF_HD float gumbel_from_uniform(float u) {
+  const float uc = max_nonnegative(u, kGumbelUMin);
+  const float t = max_nonnegative(-log_positive_normal(uc), kGumbelTMin);
   return -log_positive_normal(t);
 }
 
-DF_HD float gumbel_from_uint32_vec(uint32_t bits) { return gumbel_from_uniform_vec(uniform_from_uint32(bits)); }
+DF_HD float gumbel_from_uint32(uint32_t bits) { return gumbel_from_uniform(uniform_from_uint32(bits)); }
+
+DF_HD float gumbel_at(uint64_t seed, uint64_t n) { return gumbel_from_uint32(philox_uint32_at(seed, n)); }
 
 DF_HD float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
@@ -213,37 +202,11 @@ struct SoftmaxStats {
 
 DF_HD SoftmaxStats softmax_stats_init() { return SoftmaxStats{-INFINITY, 0.f, 0.f}; }
 
-DF_HD void softmax_stats_push(SoftmaxStats& st, float z, float w) {
-  if (z > st.m) {
-    const float r = fast_exp(st.m - z);  // exp(-inf) = 0 on the first element
-    st.s = st.s * r + 1.f;
-    st.t = st.t * r + w;
-    st.m = z;
-  } else {
-    const float e = fast_exp(z - st.m);
-    st.s += e;
-    st.t += w * e;
-  }
-}
-
-DF_HD SoftmaxStats softmax_stats_merge(SoftmaxStats a, SoftmaxStats b) {
-  if (b.m > a.m) {
-    SoftmaxStats tmp = a;
-    a = b;
-    b = tmp;
-  }
-  if (b.m == -INFINITY) return a;
-  const float r = fast_exp(b.m - a.m);
-  return SoftmaxStats{a.m, a.s + b.s * r, a.t + b.t * r};
-}
-
-
 // ---- Reductions with exact NaN / -inf semantics (used by the CUDA kernels; usable on CPU too) ----
 //
-// softmax_stats_merge above drops b when b.m == -inf, which loses a NaN that b carries in s (a chunk
-// whose finite scores are all NaN keeps m = -inf), and softmax_stats_push computes exp(-inf - -inf) =
-// NaN for a -inf score met while m is still -inf. The helpers below keep torch.softmax's semantics:
-// -inf scores contribute 0, any NaN score makes the whole row NaN, a row of only -inf gives NaN.
+// These keep torch.softmax's semantics: -inf scores contribute 0, any NaN score makes the whole row NaN,
+// a row of only -inf gives NaN. (A naive merge that skips a side whose max is -inf loses a NaN carried
+// in its sum; a naive push computes exp(-inf - -inf) = NaN for a -inf score met while m is -inf.)
 
 // exp(z - m) where m is the max of a set that contains z (NaNs ignored by that max), m == -inf
 // allowed: then z is -inf (gives 0) or NaN (gives NaN).
