@@ -57,8 +57,6 @@ def philox4x32_10(counter: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
 
 def philox_uint32(n: torch.Tensor, seed: int) -> torch.Tensor:
     """uint32 (as int64) of the element numbers n (non-negative int64)."""
-    if bool((n < 0).any()):
-        raise ValueError("n: element numbers must be non-negative")
     lanes = philox4x32_10(n >> 2, seed)
     out = torch.stack(lanes, dim=-1)
     return torch.gather(out, -1, (n & 3).unsqueeze(-1)).squeeze(-1)

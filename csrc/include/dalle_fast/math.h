@@ -146,4 +146,60 @@ DF_HD SoftmaxStats softmax_stats_merge(SoftmaxStats a, SoftmaxStats b) {
   return SoftmaxStats{a.m, a.s + b.s * r, a.t + b.t * r};
 }
 
+
+// ---- Reductions with exact NaN / -inf semantics (used by the CUDA kernels; usable on CPU too) ----
+//
+// softmax_stats_merge above drops b when b.m == -inf, which loses a NaN that b carries in s (a chunk
+// whose finite scores are all NaN keeps m = -inf), and softmax_stats_push computes exp(-inf - -inf) =
+// NaN for a -inf score met while m is still -inf. The helpers below keep torch.softmax's semantics:
+// -inf scores contribute 0, any NaN score makes the whole row NaN, a row of only -inf gives NaN.
+
+// exp(z - m) where m is the max of a set that contains z (NaNs ignored by that max), m == -inf
+// allowed: then z is -inf (gives 0) or NaN (gives NaN).
+DF_HD float exp_below_max(float z, float m) { return fast_exp(z - (m == -INFINITY ? 0.f : m)); }
+
+// The state of a single score z with weight w: m = z, s = exp(z - z), t = w * s; merging it is a push.
+// s is 1 for finite z, 0 for -inf, NaN for +inf and NaN (as torch.softmax, whose exp(z - max) is NaN
+// at +inf). (z - z) + 1 gives exactly that without an exp.
+DF_HD SoftmaxStats softmax_stats_of(float z, float w) {
+  const float s = z == -INFINITY ? 0.f : (z - z) + 1.f;
+  return SoftmaxStats{z, s, w * s};
+}
+
+// Merge of two states, exact for -inf (contributes 0) and NaN (propagates through s and t). The m of
+// a state is never NaN (NaN never compares greater), so both operands order the same way, and the
+// merge is commutative bit for bit (a + b == b + a, r == 1 exactly when the maxima are equal), so
+// every lane of a butterfly reduction ends with the same value.
+DF_HD SoftmaxStats softmax_stats_combine(SoftmaxStats a, SoftmaxStats b) {
+  if (b.m > a.m) {
+    const SoftmaxStats tmp = a;
+    a = b;
+    b = tmp;
+  }
+  // b.m == -inf: b holds only -inf scores (s == 0) and NaNs (s is NaN): scaling by 0 keeps the NaN
+  // (NaN * 0 = NaN). With s == 0 there, the merge stays commutative when both maxima are -inf.
+  const float r = b.m == -INFINITY ? 0.f : fast_exp(b.m - a.m);
+  return SoftmaxStats{a.m, a.s + b.s * r, a.t + b.t * r};
+}
+
+// Running argmax with torch.argmax semantics: NaN is the maximum (the first NaN wins), otherwise the
+// largest value, and the smallest index among equal values. The initial state (-inf, INT64_MAX) is an
+// identity: every real element ties or beats it, and a tie goes to the smaller index.
+struct ArgMaxState {
+  float v;
+  int64_t i;
+};
+
+DF_HD ArgMaxState argmax_init() { return ArgMaxState{-INFINITY, INT64_MAX}; }
+
+// Whether (vb, ib) is preferred over (va, ia).
+DF_HD bool argmax_prefers(float vb, int64_t ib, float va, int64_t ia) {
+  const bool nb = vb != vb, na = va != va;
+  if (na || nb) return (na && nb) ? ib < ia : nb;
+  if (vb != va) return vb > va;
+  return ib < ia;
+}
+
+DF_HD ArgMaxState argmax_combine(ArgMaxState a, ArgMaxState b) { return argmax_prefers(b.v, b.i, a.v, a.i) ? b : a; }
+
 }  // namespace dalle_fast

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything dalle_fast needs into ./.venv (created if missing) and builds dalle_fast._C.
+#   torch 2.14.1: a CUDA build, so that the CUDA sources compile and link even without a GPU
+#   DALLE_FAST_CUDA: auto by default; CI sets 1 so a CUDA compile error fails the build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=64" wheel
+.venv/bin/python -m pip install -q "torch==${DALLE_FAST_TORCH:-2.14.1}" numpy ninja pytest pytest-benchmark scipy ruff
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+.venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+.venv/bin/python - <<'PY'
+import dalle_fast, torch, triton
+if dalle_fast.extension_error:
+    raise SystemExit(f"dalle_fast._C failed to load: {dalle_fast.extension_error}")
+print(f"dalle_fast {dalle_fast.__version__}: torch {torch.__version__}, triton {triton.__version__}, "
+      f"CUDA kernels: {torch._C._dispatch_has_kernel_for_dispatch_key('dalle_fast::gumbel_softmax_fwd', 'CUDA')}")
+PY
