@@ -506,7 +506,8 @@ def summary_text(doc: dict) -> str:
         f"{doc['family']} benchmarks{' (SMOKE: tiny shapes, 1 repeat; figures meaningless)' if doc['smoke'] else ''}",
         f"machine: {m['kind']} {m.get('device_name')} | cpu {m['cpu_model']} x{m['cpu_affinity']} "
         f"(torch threads {m['torch_num_threads']}) | torch {m['torch']} cuda {m['torch_cuda']} "
-        f"triton {m['triton']} | load {m.get('loadavg_at_start')} -> {m.get('loadavg_at_end')} | commit {str(m['commit'])[:10]}{'+dirty' if m['commit_dirty'] else ''} | {m['date']}",
+        f"triton {m['triton']} | load {m.get('loadavg_at_start')} -> {m.get('loadavg_at_end')} "
+        f"| commit {str(m['commit'])[:10]}{'+dirty' if m['commit_dirty'] else ''} | {m['date']}",
         f"timing: median of {doc['settings']['repeats']} after {doc['settings']['warmup']} warm-up "
         f"({doc['settings']['timer']}); vs torch / vs compile = speed-up over torch eager / torch.compile "
         "measured in this run; mem = peak extra bytes of one call",
@@ -528,7 +529,8 @@ def summary_text(doc: dict) -> str:
         t = f"{med * 1e3:.3f}ms" if med < 10 else f"{med:.2f}s"
         tail = (f"{_fmt(r.get('fraction_of_copy'), '.0%'):>7}" if gpu
                 else f"{_fmt_bytes(r.get('peak_extra_bytes_rss')):>10}")
-        lines.append(head + f"{t:>10}{r['gbps']:>9.1f}{r['tflops']:>9.3f}{_fmt(r.get('speedup_vs_torch'), '.2f', 'x'):>9}"
+        lines.append(head + f"{t:>10}{r['gbps']:>9.1f}{r['tflops']:>9.3f}"
+                     f"{_fmt(r.get('speedup_vs_torch'), '.2f', 'x'):>9}"
                      f"{_fmt(r.get('speedup_vs_compile'), '.2f', 'x'):>8}{_fmt_bytes(r.get('peak_extra_bytes')):>9}"
                      f"{_fmt(r.get('memory_vs_torch'), '.2f', 'x'):>10}" + tail)
     if doc["goals"]:

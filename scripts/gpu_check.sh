@@ -150,7 +150,7 @@ elif [ ! -d tests ]; then record tests FAIL 0 "no tests/ folder"
 else
   tcap=200; [ $QUICK = 1 ] && tcap=120
   run_stage tests $tcap 30 "$OUT/tests.log" \
-    env DALLE_FAST_TEST_DEVICES=cuda DALLE_FAST_TEST_DEVICE=cuda \
+    env DALLE_FAST_TEST_DEVICES=cuda \
     "$PYTHON" -m pytest "${TEST_PATHS[@]}" -q -rfEs -p no:cacheprovider --durations=15
 fi
 
