@@ -36,9 +36,13 @@ DVAE_SHAPE = (8, 8192, 32, 32)  # dVAE codebook logits, softmax over dim 1 (stri
 TOKENS_SHAPE = (8192, 8192)  # sampler logits, dim -1
 SMOKE_DVAE_SHAPE = (2, 64, 4, 4)
 SMOKE_TOKENS_SHAPE = (16, 256)
+# The CPU suite takes B=2 for the dVAE shape by default: at B=8 it runs ~17 min on 2 cores (each call of
+# torch eager, torch.compile or cpp is seconds there); DALLE_FAST_BENCH_CPU_BATCH=8 restores it.
+CPU_DVAE_BATCH = 2
 # Our eager oracle runs Philox in plain torch: ~200 s per forward at 67M elements on a 2-core CPU.
 EAGER_ORACLE_MAX_NUMEL_CPU = 1 << 22
 GPU_BACKENDS = ("cuda", "triton")
+QUICK_SKIPS_COMPILE = True  # quick mode: no inference-graph compiles (fwd, argmax) of the torch.compile peer
 CPU_BACKENDS = ("cpp",)
 
 FLOPS_PER_ELEMENT = {("soft", "fwd"): 9, ("hard", "fwd"): 4, ("soft", "bwd"): 12, ("hard", "bwd"): 12}
@@ -203,6 +207,10 @@ def run_case(suite: harness.Suite, c: dict) -> list[dict]:
         if backend == harness.PEER_COMPILE and suite.smoke and dtype != torch.float32:
             recs.append(suite.skip(**common, reason="smoke run: the torch.compile peer runs at float32 only"))
             continue
+        if backend == harness.PEER_COMPILE and QUICK_SKIPS_COMPILE and mode == "fwd" and suite.quick:
+            recs.append(suite.skip(**common, reason="quick run: torch.compile only where a goal needs it "
+                                   "(bwd, fwd+bwd: one compiled graph)"))
+            continue
         if op == "gumbel_argmax":
             make = make_argmax(backend, shape, dtype, dim, device)
         else:
@@ -270,7 +278,7 @@ def settings_from_env() -> dict:
     """DALLE_FAST_BENCH_* variables shared by the pytest wrapper and the command line."""
     smoke = harness.env_flag("DALLE_FAST_BENCH_SMOKE")
     dev = os.environ.get("DALLE_FAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    batch = os.environ.get("DALLE_FAST_BENCH_CPU_BATCH")
+    batch = os.environ.get("DALLE_FAST_BENCH_CPU_BATCH", str(CPU_DVAE_BATCH))
     budget = os.environ.get("DALLE_FAST_BENCH_TIME_BUDGET")
     reps = os.environ.get("DALLE_FAST_BENCH_REPEATS")
     return {
@@ -286,12 +294,15 @@ def settings_from_env() -> dict:
 
 def new_suite(s: dict) -> harness.Suite:
     notes = []
-    if s["cpu_batch"] and s["device"].type == "cpu" and not s["smoke"]:
+    if s["cpu_batch"] and s["cpu_batch"] != DVAE_SHAPE[0] and s["device"].type == "cpu" and not s["smoke"]:
         notes.append(f"CPU run: dVAE shape uses B={s['cpu_batch']} instead of {DVAE_SHAPE[0]} to fit the time budget")
+    repeats, warmup = s["repeats"], None
     if s["quick"]:
-        notes.append("quick mode: fewer dtypes")
-    return harness.Suite(FAMILY, s["device"], smoke=s["smoke"], repeats=s["repeats"], out_dir=s["out_dir"],
-                         time_budget_s=s["time_budget_s"], notes=notes)
+        notes.append("quick mode: fewer dtypes, fewer repeats on GPU, torch.compile only for bwd and fwd+bwd")
+        if s["device"].type == "cuda" and not s["smoke"]:
+            repeats, warmup = repeats or 20, 5
+    return harness.Suite(FAMILY, s["device"], smoke=s["smoke"], quick=s["quick"], repeats=repeats, warmup=warmup,
+                         out_dir=s["out_dir"], time_budget_s=s["time_budget_s"], notes=notes)
 
 
 def main(argv=None) -> int:
@@ -301,7 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat")
     p.add_argument("--quick", action="store_true", help="fewer dtypes")
-    p.add_argument("--cpu-batch", type=int, help="B of the dVAE shape on CPU (default 8)")
+    p.add_argument("--cpu-batch", type=int, help=f"B of the dVAE shape on CPU (default {CPU_DVAE_BATCH})")
     p.add_argument("--repeats", type=int)
     p.add_argument("--time-budget", type=float, help="seconds; later cases are recorded as skipped")
     p.add_argument("--out", help="results folder (default benchmarks/results)")

@@ -9,7 +9,10 @@ fraction of the device-to-device copy bandwidth on GPU), writes the JSON and a t
 Timing
     GPU: CUDA events around each call, L2 flushed (a 256 MiB write) between calls outside the events,
          `warmup` untimed calls first; the figure is the median of `repeats` calls.
-    CPU: time.perf_counter around each call after `warmup` untimed calls; median of `repeats` calls.
+    CPU: time.perf_counter around each call; median of `repeats` calls. Calls take seconds there, so the
+         one untimed call before them is the memory measurement below (torch.compile gets one more, its
+         compilation); `warmup` adds more.
+    Both: the memory call comes after the warm-up calls and before the timed ones.
     Under TRITON_INTERPRET nothing is timed: the harness refuses (InterpreterRefused).
 
 Peak extra memory (bytes allocated by one call beyond what was live before it: the inputs, and for mode
@@ -339,7 +342,7 @@ class Suite:
     skipped, so the results are always written.
     """
 
-    def __init__(self, family: str, device: torch.device | str, *, smoke: bool = False,
+    def __init__(self, family: str, device: torch.device | str, *, smoke: bool = False, quick: bool = False,
                  warmup: int | None = None, repeats: int | None = None, out_dir: str | Path | None = None,
                  time_budget_s: float | None = None, notes: list[str] | None = None):
         refuse_interpreter()
@@ -348,8 +351,11 @@ class Suite:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.smoke = smoke
+        self.quick = quick  # families read it: a quick run measures fewer cases
         cpu = self.device.type == "cpu"
-        self.warmup = warmup if warmup is not None else (1 if smoke or cpu else 10)
+        # CPU: the profiled memory call is the warm-up (calls take seconds there); torch.compile gets one
+        # more untimed call first, its compilation. GPU: `warmup` calls, then the memory call.
+        self.warmup = warmup if warmup is not None else (0 if cpu else 1 if smoke else 10)
         self.repeats = repeats if repeats is not None else (1 if smoke else 3 if cpu else 50)
         self.out_dir = Path(out_dir) if out_dir else RESULTS_DIR
         self.started = time.monotonic()
@@ -393,14 +399,18 @@ class Suite:
         fn = None
         try:
             fn = make()
-            times, cold = time_calls(fn, self.device, 1 if self.device.type == "cpu" else self.warmup, 0)
-            if self.device.type == "cpu" and self.warmup > 1:
-                time_calls(fn, self.device, self.warmup - 1, 0)
+            warmup = max(self.warmup, 1) if backend == PEER_COMPILE else self.warmup
+            cold = None
+            if warmup:
+                _, cold = time_calls(fn, self.device, warmup, 0)
+            t0 = time.perf_counter()
             rec.update(peak_extra(fn, self.device))
+            if cold is None:
+                cold = time.perf_counter() - t0  # the profiled memory call was the first
             times, _ = time_calls(fn, self.device, 0, self.repeats, self._flush)
             med = statistics.median(times)
             rec.update(status="ok", times_s=times, median_s=med, min_s=min(times), first_call_s=cold,
-                       warmup=self.warmup, repeats=self.repeats,
+                       warmup=warmup, repeats=self.repeats,
                        gbps=nbytes / med / 1e9, tflops=flops / med / 1e12)
             if "peak_extra_bytes_rss" in rec and rec["peak_extra_bytes"] >= MEMORY_CHECK_MIN_BYTES:
                 rel = abs(rec["peak_extra_bytes_rss"] - rec["peak_extra_bytes"]) / rec["peak_extra_bytes"]
@@ -472,6 +482,7 @@ class Suite:
         doc = {
             "family": self.family,
             "smoke": self.smoke,
+            "quick": self.quick,
             "machine": self.machine,
             "settings": {"warmup": self.warmup, "repeats": self.repeats,
                          "timer": "CUDA events, L2 flushed between calls" if self.device.type == "cuda"
@@ -516,7 +527,7 @@ def summary_text(doc: dict) -> str:
         f"(torch threads {m['torch_num_threads']}) | torch {m['torch']} cuda {m['torch_cuda']} "
         f"triton {m['triton']} | load {m.get('loadavg_at_start')} -> {m.get('loadavg_at_end')} "
         f"| commit {str(m['commit'])[:10]}{'+dirty' if m['commit_dirty'] else ''} | {m['date']}",
-        f"timing: median of {doc['settings']['repeats']} after {doc['settings']['warmup']} warm-up "
+        f"timing: median of {doc['settings']['repeats']} after {doc['settings']['warmup']} warm-up + 1 memory call "
         f"({doc['settings']['timer']}); vs torch / vs compile = speed-up over torch eager / torch.compile "
         "measured in this run; mem = peak extra bytes of one call",
     ]
