@@ -548,7 +548,7 @@ def summary_text(doc: dict) -> str:
         t = f"{med * 1e3:.3f}ms" if med < 10 else f"{med:.2f}s"
         tail = (f"{_fmt(r.get('fraction_of_copy'), '.0%'):>7}" if gpu
                 else f"{_fmt_bytes(r.get('peak_extra_bytes_rss')):>10}")
-        lines.append(head + f"{t:>10}{r['gbps']:>9.1f}{r['tflops']:>9.3f}"
+        lines.append(head + f"{t:>10}{r['gbps']:>9.1f}{r['tflops']:>9.3g}"
                      f"{_fmt(r.get('speedup_vs_torch'), '.2f', 'x'):>9}"
                      f"{_fmt(r.get('speedup_vs_compile'), '.2f', 'x'):>8}{_fmt_bytes(r.get('peak_extra_bytes')):>9}"
                      f"{_fmt(r.get('memory_vs_torch'), '.2f', 'x'):>10}" + tail)
