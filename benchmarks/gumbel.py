@@ -90,9 +90,9 @@ def _compiled_fn(name: str):
     if name not in _compiled:
         import torch._dynamo
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for knob in ("cache_size_limit", "recompile_limit"):  # the name changed across torch versions
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
         fn = {"softmax": _torch_softmax, "argmax": _torch_argmax}[name]
         _compiled[name] = torch.compile(fn, dynamic=False)
     return _compiled[name]
