@@ -281,8 +281,9 @@ def _gumbel_softmax_fwd_kernel(
                 m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
                 s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - tl.expand_dims(m_safe, RED)), RED)
                 m = m_new
-        m = tl.where(m == neg_inf, 0.0, m)
-        r = 1.0 / s
+        if not HARD:
+            m = tl.where(m == neg_inf, 0.0, m)
+            r = 1.0 / s
         # Pass 2: write (recomputing the noise: cheaper than a round trip through memory).
         for k0 in range(0, K, STEP):
             o, k, i, mask, base = _tile_coords(pid, k0, outer, K, inner, COL, BLOCK_M, BLOCK_N)

@@ -12,7 +12,12 @@ from dalle_fast.ops.gumbel import OPS
 if dalle_fast.extension_error:
     sys.exit(f"dalle_fast._C did not load: {dalle_fast.extension_error}")
 keys = ["CPU"] + (["CUDA"] if os.environ.get("DALLE_FAST_EXPECT_CUDA") == "1" else [])
-missing = [f"{op}/{k}" for op in OPS for k in keys if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dalle_fast::{op}", k)]
+missing = [
+    f"{op}/{k}"
+    for op in OPS
+    for k in keys
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dalle_fast::{op}", k)
+]
 if missing:
     sys.exit("missing kernels: " + ", ".join(missing))
 print(f"registered: {len(OPS)} ops x {keys}")

@@ -32,10 +32,13 @@ sys.path.insert(0, ROOT)
 # (outer, K, inner) views the table is asked about: the benchmark shapes, the test shapes, and a sweep
 # of K so that every block size of the table appears.
 _SHAPES = (
-    [(8192, 8192, 1), (8, 8192, 1024), (2, 1000, 15), (2, 8192, 16), (6, 1, 2), (1, 5, 1)]
-    + [(outer, 2**e, 1) for e in range(0, 16) for outer in (1, 8192)]
-    + [(1, 20000, 1), (4, 3, 1)]
-    + [(outer, 2**e, inner) for e in (0, 1, 3, 5, 7, 9, 13) for outer, inner in ((8, 1024), (2, 3), (1, 32))]
+    # benchmark and test shapes
+    [(8192, 8192, 1), (8, 8192, 1024), (2, 1000, 15), (2, 8192, 16), (6, 1, 2), (4, 3, 1), (1, 20000, 1)]
+    # every row-layout tile width (one pass up to the largest one-pass K, then the two-pass chunk)
+    + [(8192, 2**e, 1) for e in (0, 2, 6, 9, 11, 12, 13, 14, 15)]
+    + [(1, 2**e, 1) for e in (13, 14)]
+    # column layout: one pass and two passes, wide and narrow inner tiles
+    + [(outer, 2**e, inner) for e in (3, 7, 13) for outer, inner in ((8, 1024), (2, 3), (64, 64))]
 )
 _QUICK_SHAPES = [(8192, 8192, 1), (8, 8192, 1024), (2, 1000, 15), (4, 3, 1), (1, 20000, 1)]
 
@@ -86,10 +89,11 @@ def _jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
             add("_gumbel_noise_kernel", sig, consts, nw, f"{dt} aligned={int(aligned)} {bm}x{bn}")
 
     for outer, K, inner in shapes:
-        for kernel, one_pass_max in (
-            ("_gumbel_softmax_fwd_kernel", launch.ONE_PASS_MAX_FWD),
-            ("_gumbel_softmax_bwd_kernel", launch.ONE_PASS_MAX_BWD),
-            ("_gumbel_argmax_kernel", launch.ONE_PASS_MAX_FWD),
+        for kernel, one_pass_max, hards in (
+            ("_gumbel_softmax_fwd_kernel", launch.ONE_PASS_MAX_FWD, (False,)),
+            ("_gumbel_softmax_fwd_kernel", launch.ONE_PASS_MAX_ARGMAX, (True,)),
+            ("_gumbel_softmax_bwd_kernel", launch.ONE_PASS_MAX_BWD, (None,)),
+            ("_gumbel_argmax_kernel", launch.ONE_PASS_MAX_ARGMAX, (None,)),
         ):
             for offset in (0, 1):
                 cfg = launch._reduction_config(outer, K, inner, offset, one_pass_max)
@@ -99,17 +103,14 @@ def _jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
                     if kernel == "_gumbel_softmax_fwd_kernel":
                         ptrs = {"x_ptr": _DTYPES[dt], "y_ptr": _DTYPES[dt]}
                         strides = ["stride_xo", "stride_xk", "stride_xi"]
-                        hards = (False, True)
                         scalars = {"seed": "i64", "offset": "i64", "inv_tau": "fp32"}
                     elif kernel == "_gumbel_softmax_bwd_kernel":
                         ptrs = {"dy_ptr": _DTYPES[dt], "x_ptr": _DTYPES[dt], "dx_ptr": _DTYPES[dt]}
                         strides = ["stride_dyo", "stride_dyk", "stride_dyi", "stride_xo", "stride_xk", "stride_xi"]
-                        hards = (None,)
                         scalars = {"seed": "i64", "offset": "i64", "inv_tau": "fp32"}
                     else:
                         ptrs = {"x_ptr": _DTYPES[dt], "out_ptr": "*i64"}
                         strides = ["stride_xo", "stride_xk", "stride_xi"]
-                        hards = (None,)
                         scalars = {"seed": "i64", "offset": "i64"}
                     unit_names = {unit, unit.replace("stride_x", "stride_dy")}
                     for hard in hards:

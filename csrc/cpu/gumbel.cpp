@@ -1,2 +1,750 @@
-// placeholder: the C++ CPU implementations of the Gumbel-softmax family register here.
+// C++ CPU backend of the Gumbel-softmax family: gumbel_noise, gumbel_softmax_fwd, gumbel_softmax_bwd,
+// gumbel_argmax (schemas and conventions in csrc/ops.cpp, semantics in DESIGN section 3).
+//
+// Math. With g the Gumbel noise of the element numbers (DESIGN section 3) and z = (x + g) / tau:
+//   forward   y = softmax(z) along dim: y_k = e_k / s, e_k = exp(z_k - m), m = max_k z_k, s = sum_k e_k
+//             hard: the one-hot of argmax_k (x + g) (torch.argmax rules: first index, NaN wins)
+//   backward  dx_k = (1/tau) * y_k * (dy_k - sum_j dy_j y_j) = (1/tau) * e_k/s * (dy_k - t/s),
+//             t = sum_j dy_j e_j. Nothing is saved from the forward: g, m and s are recomputed from the
+//             logits and the seed (Philox is cheap next to a round trip of a saved tensor through DRAM).
+//
+// Work split. The logits are seen as [outer, K, inner] around dim (reduction_view). One task of
+// at::parallel_for computes whole reductions, never part of one:
+//   inner == 1 (dim = -1): one task = a range of rows; a row is K contiguous elements whose element
+//                          numbers are consecutive, so its noise is one run of Philox blocks.
+//   inner >  1 (dim = 1 of [B, 8192, H, W] etc.): one task = a range of tiles; a tile is W consecutive
+//                          inner columns (W = 16, 8 or 4; fewer at a ragged end) across all K. Each of
+//                          its K rows is W contiguous elements with consecutive element numbers, so loads
+//                          are sequential within a row, and every column statistic (max, sums, argmax)
+//                          lives in W SIMD lanes. No transposed copy is made.
+// Scratch is per task: a row's noise (overwritten in place by its scores z), or a tile's [K][W] scores
+// plus the noise of kRowBatch rows at a time; never a tensor-sized temporary (K * W * 4 bytes = 512 KB
+// for the dVAE's K = 8192). Per reduction the passes are: (1) Philox + noise map, vectorised across
+// Philox blocks, (2) z = (x + g) / tau and its max, (3) e = exp(z - m) in place and the sums, (4) the
+// output. Passes 3-4 read the scores from L1/L2, not the noise again from Philox.
+//
+// Vectorisation. Philox runs on 16 (AVX-512) or 8 (AVX2) blocks per instruction, written with
+// intrinsics (see philox_soa). The other hot loops are written over independent elements with only
+// selects (no branches, no library calls: log and exp come from math.h's branch-free versions) and are
+// compiled three times (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA, baseline SSE2) by target_clones,
+// picked at load time.
+//
+// Non-contiguous logits and grads are made contiguous first (the dVAE and sampler layouts never need it).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#include "dalle_fast/launch.h"
+#include "dalle_fast/math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DF_CLONES
+#endif
+
+namespace dalle_fast {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Loads and stores in the tensor dtypes, as plain arithmetic so that the loops around them vectorise.
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::BFloat16 v) { return uint32_as_float(static_cast<uint32_t>(v.x) << 16); }
+inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T from_f32(float v) {
+  return static_cast<T>(v);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Noise
+
+// Philox4x32-10 of the blocks at counters (lo[q], hi[q]), lanes stored structure-of-arrays:
+// raw[lane * nq + q]. This is philox4x32_10 of math.h (the reference of every backend) mapped onto SIMD
+// lanes by hand: each 32x32-bit multiply gives its high and low words from one pair of vpmuludq
+// (even and odd lanes), where the auto-vectorised header loop needs 64-bit multiplies and widenings
+// (about 3x the instructions). The scalar header function serves the tail and CPUs without AVX2;
+// the CPU tests check these lanes against the header and the shared vectors.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DF_X86_SIMD 1
+
+__attribute__((target("avx512f"))) inline void mulhilo_avx512(__m512i a, __m512i b, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, b);                        // a * b of lanes 0, 2, 4, ...
+  const __m512i odd = _mm512_mul_epu32(a, _mm512_srli_epi64(b, 32));  // a * b of lanes 1, 3, 5, ...
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+__attribute__((target("avx512f"))) void philox_soa_avx512(uint32_t k0, uint32_t k1, const uint32_t* lo,
+                                                           const uint32_t* hi, int64_t nq, int64_t q_begin,
+                                                           int64_t q_end, uint32_t* raw) {
+  const __m512i ra = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m512i rb = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  for (int64_t q = q_begin; q + 16 <= q_end; q += 16) {
+    __m512i c0 = _mm512_loadu_si512(lo + q), c1 = _mm512_loadu_si512(hi + q);
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t ka = k0, kb = k1;
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      __m512i hi_b, lo_b, hi_a, lo_a;
+      mulhilo_avx512(rb, c2, hi_b, lo_b);
+      mulhilo_avx512(ra, c0, hi_a, lo_a);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(ka)));
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(kb)));
+      c1 = lo_b;
+      c3 = lo_a;
+      ka += kPhiloxKeyA;
+      kb += kPhiloxKeyB;
+    }
+    _mm512_storeu_si512(raw + q, c0);
+    _mm512_storeu_si512(raw + nq + q, c1);
+    _mm512_storeu_si512(raw + 2 * nq + q, c2);
+    _mm512_storeu_si512(raw + 3 * nq + q, c3);
+  }
+}
+
+__attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i a, __m256i b, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, b);
+  const __m256i odd = _mm256_mul_epu32(a, _mm256_srli_epi64(b, 32));
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+__attribute__((target("avx2"))) void philox_soa_avx2(uint32_t k0, uint32_t k1, const uint32_t* lo, const uint32_t* hi,
+                                                      int64_t nq, int64_t q_begin, int64_t q_end, uint32_t* raw) {
+  const __m256i ra = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m256i rb = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  for (int64_t q = q_begin; q + 8 <= q_end; q += 8) {
+    __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + q));
+    __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + q));
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    uint32_t ka = k0, kb = k1;
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      __m256i hi_b, lo_b, hi_a, lo_a;
+      mulhilo_avx2(rb, c2, hi_b, lo_b);
+      mulhilo_avx2(ra, c0, hi_a, lo_a);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int>(ka)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int>(kb)));
+      c1 = lo_b;
+      c3 = lo_a;
+      ka += kPhiloxKeyA;
+      kb += kPhiloxKeyB;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(raw + q), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(raw + nq + q), c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(raw + 2 * nq + q), c2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(raw + 3 * nq + q), c3);
+  }
+}
+
+enum class PhiloxIsa { kScalar, kAvx2, kAvx512 };
+PhiloxIsa detect_philox_isa() {
+  __builtin_cpu_init();  // needed before __builtin_cpu_supports in a static initialiser
+  return __builtin_cpu_supports("avx512f") ? PhiloxIsa::kAvx512
+         : __builtin_cpu_supports("avx2")  ? PhiloxIsa::kAvx2
+                                           : PhiloxIsa::kScalar;
+}
+const PhiloxIsa kPhiloxIsa = detect_philox_isa();
+#endif
+
+void philox_soa(uint32_t k0, uint32_t k1, const uint32_t* lo, const uint32_t* hi, int64_t nq, uint32_t* raw) {
+  int64_t q = 0;
+#if defined(DF_X86_SIMD)
+  if (kPhiloxIsa == PhiloxIsa::kAvx512) {
+    philox_soa_avx512(k0, k1, lo, hi, nq, 0, nq, raw);
+    q = nq / 16 * 16;
+  } else if (kPhiloxIsa == PhiloxIsa::kAvx2) {
+    philox_soa_avx2(k0, k1, lo, hi, nq, 0, nq, raw);
+    q = nq / 8 * 8;
+  }
+#endif
+  for (; q < nq; ++q) {
+    const Philox4 r = philox4x32_10(lo[q], hi[q], k0, k1);
+    for (int l = 0; l < 4; ++l) raw[l * nq + q] = r.x[l];
+  }
+}
+
+// out[4q + lane] = Gumbel noise of raw[lane * nq + q] (back to element order).
+DF_CLONES void gumbel_from_soa(const uint32_t* __restrict raw, int64_t nq, float* __restrict out) {
+#pragma omp simd
+  for (int64_t q = 0; q < nq; ++q) {
+    out[4 * q + 0] = gumbel_from_uint32_vec(raw[q]);
+    out[4 * q + 1] = gumbel_from_uint32_vec(raw[nq + q]);
+    out[4 * q + 2] = gumbel_from_uint32_vec(raw[2 * nq + q]);
+    out[4 * q + 3] = gumbel_from_uint32_vec(raw[3 * nq + q]);
+  }
+}
+
+// The noise of `nrun` runs of `len` consecutive element numbers, run r starting at first + r * stride.
+// Every Philox block a run touches is computed once for that run and all its lanes that fall in the run
+// are used, so only a block straddling two runs is computed twice (the ragged edges). After compute(),
+// the noise of element number first + r * stride + j is at(r)[j].
+struct RunNoise {
+  std::vector<uint32_t> lo, hi, raw;
+  std::vector<float> g;
+  std::vector<int64_t> pos;
+
+  void compute(uint64_t seed, uint64_t first, uint64_t stride, int64_t nrun, int64_t len) {
+    pos.resize(nrun);
+    int64_t nq = 0;
+    for (int64_t r = 0; r < nrun; ++r) {
+      const uint64_t a = first + static_cast<uint64_t>(r) * stride;
+      nq += static_cast<int64_t>(((a + len - 1) >> 2) - (a >> 2)) + 1;
+    }
+    lo.resize(nq);
+    hi.resize(nq);
+    g.resize(4 * nq);
+    int64_t q = 0;
+    for (int64_t r = 0; r < nrun; ++r) {
+      const uint64_t a = first + static_cast<uint64_t>(r) * stride;
+      const uint64_t q0 = a >> 2, q1 = (a + len - 1) >> 2;
+      pos[r] = 4 * q + static_cast<int64_t>(a & 3);
+      for (uint64_t c = q0; c <= q1; ++c, ++q) {
+        lo[q] = static_cast<uint32_t>(c);
+        hi[q] = static_cast<uint32_t>(c >> 32);
+      }
+    }
+    raw.resize(4 * nq);
+    philox_soa(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), lo.data(), hi.data(), nq, raw.data());
+    gumbel_from_soa(raw.data(), nq, g.data());
+  }
+  float* at(int64_t r) { return g.data() + pos[r]; }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Row kernels (inner == 1): a row of K contiguous elements.
+
+constexpr int kLanes = 16;  // independent accumulators of the row reductions (one AVX-512 vector)
+
+inline bool is_nan(float v) { return v != v; }
+// The max of torch.argmax / softmax: NaN beats everything.
+inline float max_nan(float m, float v) { return (v > m || is_nan(v)) ? v : m; }
+
+// z[j] = (x[j] + g[j]) * scale; returns max_j z[j] (NaN if any is NaN).
+template <typename T>
+DF_CLONES float row_scores(const T* __restrict x, const float* __restrict g, float* __restrict z, int64_t n,
+                           float scale) {
+  float ml[kLanes];
+  for (int l = 0; l < kLanes; ++l) ml[l] = -INFINITY;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = (to_f32(x[j + l]) + g[j + l]) * scale;
+      z[j + l] = v;
+      ml[l] = max_nan(ml[l], v);
+    }
+  }
+  float m = -INFINITY;
+  for (; j < n; ++j) {
+    const float v = (to_f32(x[j]) + g[j]) * scale;
+    z[j] = v;
+    m = max_nan(m, v);
+  }
+  for (int l = 0; l < kLanes; ++l) m = max_nan(m, ml[l]);
+  return m;
+}
+
+// e[j] = exp(e[j] - m) in place; returns sum_j e[j] and, when dy is given, t = sum_j dy[j] * e[j].
+template <typename G>
+DF_CLONES void row_exp_sums(float* __restrict e, const G* __restrict dy, int64_t n, float m, float* s_out,
+                            float* t_out) {
+  float sl[kLanes], tl[kLanes];
+  for (int l = 0; l < kLanes; ++l) sl[l] = tl[l] = 0.f;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = exp_finite_or_zero(e[j + l] - m);
+      e[j + l] = v;
+      sl[l] += v;
+      if (dy) tl[l] += to_f32(dy[j + l]) * v;
+    }
+  }
+  float s = 0.f, t = 0.f;
+  for (; j < n; ++j) {
+    const float v = exp_finite_or_zero(e[j] - m);
+    e[j] = v;
+    s += v;
+    if (dy) t += to_f32(dy[j]) * v;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    s += sl[l];
+    t += tl[l];
+  }
+  *s_out = s;
+  *t_out = t;
+}
+
+template <typename T>
+DF_CLONES void row_scale_store(const float* __restrict e, int64_t n, float scale, T* __restrict y) {
+  for (int64_t j = 0; j < n; ++j) y[j] = from_f32<T>(e[j] * scale);
+}
+
+// dx[j] = e[j] * a * (dy[j] - b) with a = 1/(tau s), b = t/s.
+template <typename T, typename G>
+DF_CLONES void row_grad_store(const float* __restrict e, const G* __restrict dy, int64_t n, float a, float b,
+                              T* __restrict dx) {
+  for (int64_t j = 0; j < n; ++j) dx[j] = from_f32<T>(e[j] * a * (to_f32(dy[j]) - b));
+}
+
+// The first index holding m (the row's max as row_scores returned it; NaN: the first NaN).
+inline int64_t row_first_index_of(const float* z, int64_t n, float m) {
+  if (is_nan(m)) {
+    for (int64_t j = 0; j < n; ++j)
+      if (is_nan(z[j])) return j;
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      if (z[j] == m) return j;
+  }
+  return 0;  // all -inf
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tile kernels (inner > 1): K rows of W contiguous columns (row k of the tile at x + k * inner).
+// The scores live in a [K][kW] scratch; the noise is made kRowBatch rows at a time, just before use.
+// W is a compile-time width (16, 8 or 4) so that the column loops become SIMD vectors; Wt = 0 is the
+// ragged last tile, with the runtime width w < 16.
+//
+// Rows are `inner` elements apart (4 KB for the dVAE's 32x32 maps), so every row of a tile is on a new
+// page, where the hardware prefetchers stop: the loops prefetch the rows kPrefetchRows ahead themselves.
+
+constexpr int kMaxW = 16;
+constexpr int64_t kRowBatch = 64;  // rows whose Philox blocks are computed in one vectorised call
+constexpr int64_t kPrefetchRows = 16;
+constexpr int64_t kRowChunk = 2048;  // elements of a row (inner == 1) whose noise is made at once
+
+template <int Wt>
+struct Width {
+  static constexpr int kW = Wt == 0 ? kMaxW : Wt;  // the scratch row length and per-column array size
+  int wr;
+  int w() const { return Wt == 0 ? wr : Wt; }  // a constant, so a full SIMD vector, unless ragged
+};
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t k, int64_t K, int64_t stride, bool write) {
+  if (k + kPrefetchRows < K) {
+    if (write) {
+      __builtin_prefetch(p + (k + kPrefetchRows) * stride, 1);
+    } else {
+      __builtin_prefetch(p + (k + kPrefetchRows) * stride, 0);
+    }
+  }
+}
+
+// z[k][c] = (x[k][c] + g) * scale for the tile whose element (0, 0) has element number `first`;
+// m[c] = max over rows (NaN wins); when idx is given, also the first row of each column's max.
+template <int Wt, typename T>
+DF_CLONES void tile_scores(RunNoise& nz, uint64_t seed, uint64_t first, const T* __restrict x, int64_t K,
+                           int64_t inner, int wr, float scale, float* __restrict z, float* __restrict m,
+                           int64_t* __restrict idx) {
+  const Width<Wt> W{wr};
+  constexpr int kW = Width<Wt>::kW;
+  float mc[kW];
+  int64_t ic[kW];
+  for (int c = 0; c < kW; ++c) {
+    mc[c] = -INFINITY;
+    ic[c] = 0;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kRowBatch) {
+    const int64_t rb = std::min(kRowBatch, K - k0);
+    nz.compute(seed, first + static_cast<uint64_t>(k0 * inner), static_cast<uint64_t>(inner), rb, W.w());
+    for (int64_t r = 0; r < rb; ++r) {
+      const int64_t k = k0 + r;
+      prefetch_row(x, k, K, inner, false);
+      const float* __restrict g = nz.at(r);
+      const T* __restrict xr = x + k * inner;
+      float* __restrict zr = z + k * kW;
+      for (int c = 0; c < W.w(); ++c) {
+        const float v = (to_f32(xr[c]) + g[c]) * scale;
+        zr[c] = v;
+        const bool take = v > mc[c] || (is_nan(v) && !is_nan(mc[c]));  // strict: ties keep the first row
+        mc[c] = take ? v : mc[c];
+        ic[c] = take ? k : ic[c];
+      }
+    }
+  }
+  for (int c = 0; c < W.w(); ++c) {
+    m[c] = mc[c];
+    if (idx) idx[c] = ic[c];
+  }
+}
+
+// e = exp(z - m[c]) in place; s[c] = sum of e over rows, t[c] = sum of dy * e (when dy is given).
+template <int Wt, typename G>
+DF_CLONES void tile_exp_sums(float* __restrict z, const G* __restrict dy, int64_t K, int64_t inner, int wr,
+                             const float* __restrict m, float* __restrict s, float* __restrict t) {
+  const Width<Wt> W{wr};
+  constexpr int kW = Width<Wt>::kW;
+  float sc[kW], tc[kW], mc[kW];
+  for (int c = 0; c < kW; ++c) {
+    sc[c] = tc[c] = 0.f;
+    mc[c] = c < W.w() ? m[c] : 0.f;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    float* __restrict e = z + k * kW;
+    if (dy) prefetch_row(dy, k, K, inner, false);
+    for (int c = 0; c < W.w(); ++c) {
+      const float v = exp_finite_or_zero(e[c] - mc[c]);
+      e[c] = v;
+      sc[c] += v;
+      if (dy) tc[c] += to_f32(dy[k * inner + c]) * v;
+    }
+  }
+  for (int c = 0; c < W.w(); ++c) {
+    s[c] = sc[c];
+    t[c] = tc[c];
+  }
+}
+
+template <int Wt, typename T>
+DF_CLONES void tile_scale_store(const float* __restrict z, int64_t K, int64_t inner, int wr,
+                                const float* __restrict inv_s, T* __restrict y) {
+  const Width<Wt> W{wr};
+  constexpr int kW = Width<Wt>::kW;
+  float a[kW];
+  for (int c = 0; c < kW; ++c) a[c] = c < W.w() ? inv_s[c] : 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    prefetch_row(y, k, K, inner, true);
+    const float* __restrict e = z + k * kW;
+    T* __restrict yr = y + k * inner;
+    for (int c = 0; c < W.w(); ++c) yr[c] = from_f32<T>(e[c] * a[c]);
+  }
+}
+
+template <int Wt, typename T, typename G>
+DF_CLONES void tile_grad_store(const float* __restrict z, const G* __restrict dy, int64_t K, int64_t inner, int wr,
+                               const float* __restrict a, const float* __restrict b, T* __restrict dx) {
+  const Width<Wt> W{wr};
+  constexpr int kW = Width<Wt>::kW;
+  float ac[kW], bc[kW];
+  for (int c = 0; c < kW; ++c) {
+    ac[c] = c < W.w() ? a[c] : 0.f;
+    bc[c] = c < W.w() ? b[c] : 0.f;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    prefetch_row(dx, k, K, inner, true);
+    const float* __restrict e = z + k * kW;
+    const G* __restrict dyr = dy + k * inner;
+    T* __restrict dxr = dx + k * inner;
+    for (int c = 0; c < W.w(); ++c) dxr[c] = from_f32<T>(e[c] * ac[c] * (to_f32(dyr[c]) - bc[c]));
+  }
+}
+
+template <int Wt, typename T>
+DF_CLONES void tile_one_hot_store(int64_t K, int64_t inner, int wr, const int64_t* __restrict idx, T* __restrict y) {
+  const Width<Wt> W{wr};
+  constexpr int kW = Width<Wt>::kW;
+  int64_t ic[kW];
+  for (int c = 0; c < kW; ++c) ic[c] = c < W.w() ? idx[c] : -1;
+  const T one = from_f32<T>(1.f), zero = from_f32<T>(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    prefetch_row(y, k, K, inner, true);
+    T* __restrict yr = y + k * inner;
+    for (int c = 0; c < W.w(); ++c) yr[c] = ic[c] == k ? one : zero;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Drivers
+
+enum class Mode { kSoft, kHard, kArgmax, kBackward };
+
+struct Problem {
+  uint64_t seed, offset;
+  int64_t outer, K, inner;
+  float inv_tau;
+};
+
+// Columns per tile: 16 (a cache line of fp32) while the [K][16] score scratch stays within half of the
+// 1 MB L2 we measured on; narrower for longer reductions so that the scratch stays modest.
+inline int tile_width(int64_t K, int64_t inner) {
+  if (inner < 8 || K > 16384) return 4;
+  if (inner < 16 || K > 8192) return 8;
+  return 16;
+}
+
+struct Scratch {
+  RunNoise nz;
+  std::vector<float> z;
+};
+
+// One tile: columns [i0, i0 + wr) of outer slice o. The width template Wt is 16/8/4, or 0 for ragged.
+template <int Wt, typename T, typename G>
+void run_tile(Mode mode, const Problem& p, Scratch& sc, int64_t o, int64_t i0, int wr, const T* x, const G* dy, T* y,
+              int64_t* am) {
+  const int64_t K = p.K, inner = p.inner;
+  const int64_t base = o * K * inner + i0;  // logical (and contiguous) index of element (o, 0, i0)
+  const uint64_t first = p.offset + static_cast<uint64_t>(base);
+  sc.z.resize(K * Width<Wt>::kW);
+  float* z = sc.z.data();
+  float m[kMaxW], s[kMaxW], t[kMaxW], a[kMaxW], b[kMaxW];
+  int64_t idx[kMaxW];
+  if (mode == Mode::kHard || mode == Mode::kArgmax) {
+    // The argmax of x + g, before the 1/tau (whose rounding could make ties).
+    tile_scores<Wt, T>(sc.nz, p.seed, first, x + base, K, inner, wr, 1.f, z, m, idx);
+    if (mode == Mode::kArgmax) {
+      std::memcpy(am + o * inner + i0, idx, sizeof(int64_t) * wr);
+    } else {
+      tile_one_hot_store<Wt, T>(K, inner, wr, idx, y + base);
+    }
+    return;
+  }
+  tile_scores<Wt, T>(sc.nz, p.seed, first, x + base, K, inner, wr, p.inv_tau, z, m, nullptr);
+  if (mode == Mode::kSoft) {
+    tile_exp_sums<Wt, G>(z, nullptr, K, inner, wr, m, s, t);
+    for (int c = 0; c < wr; ++c) a[c] = 1.f / s[c];
+    tile_scale_store<Wt, T>(z, K, inner, wr, a, y + base);
+  } else {
+    tile_exp_sums<Wt, G>(z, dy + base, K, inner, wr, m, s, t);
+    for (int c = 0; c < wr; ++c) {
+      a[c] = p.inv_tau / s[c];
+      b[c] = t[c] / s[c];
+    }
+    tile_grad_store<Wt, T, G>(z, dy + base, K, inner, wr, a, b, y + base);
+  }
+}
+
+// z[j] = (x[j] + g[j]) * scale over a row, the noise made kRowChunk elements at a time so that it is
+// consumed from L1; returns the row's max (NaN wins).
+template <typename T>
+float row_scores_chunked(const Problem& p, Scratch& sc, int64_t base, const T* x, float* z, float scale) {
+  float m = -INFINITY;
+  for (int64_t j0 = 0; j0 < p.K; j0 += kRowChunk) {
+    const int64_t n = std::min(kRowChunk, p.K - j0);
+    sc.nz.compute(p.seed, p.offset + static_cast<uint64_t>(base + j0), 0, 1, n);
+    m = max_nan(m, row_scores<T>(x + base + j0, sc.nz.at(0), z + j0, n, scale));
+  }
+  return m;
+}
+
+template <typename T, typename G>
+void run_row(Mode mode, const Problem& p, Scratch& sc, int64_t o, const T* x, const G* dy, T* y, int64_t* am) {
+  const int64_t K = p.K;
+  const int64_t base = o * K;
+  sc.z.resize(K);
+  float* z = sc.z.data();
+  if (mode == Mode::kHard || mode == Mode::kArgmax) {
+    const float m = row_scores_chunked<T>(p, sc, base, x, z, 1.f);  // argmax of x + g, before the 1/tau
+    const int64_t i = row_first_index_of(z, K, m);
+    if (mode == Mode::kArgmax) {
+      am[o] = i;
+    } else {
+      T* yr = y + base;
+      std::fill(yr, yr + K, from_f32<T>(0.f));
+      yr[i] = from_f32<T>(1.f);
+    }
+    return;
+  }
+  const float m = row_scores_chunked<T>(p, sc, base, x, z, p.inv_tau);
+  float s, t;
+  if (mode == Mode::kSoft) {
+    row_exp_sums<G>(z, nullptr, K, m, &s, &t);
+    row_scale_store<T>(z, K, 1.f / s, y + base);
+  } else {
+    row_exp_sums<G>(z, dy + base, K, m, &s, &t);
+    row_grad_store<T, G>(z, dy + base, K, p.inv_tau / s, t / s, y + base);
+  }
+}
+
+// x, dy: [outer, K, inner] contiguous; y: contiguous of the same numel (or nullptr), am: [outer, inner].
+template <typename T, typename G>
+void run(Mode mode, const Problem& p, const T* x, const G* dy, T* y, int64_t* am) {
+  if (p.inner == 1) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.K, 1));
+    at::parallel_for(0, p.outer, grain, [&](int64_t begin, int64_t end) {
+      Scratch sc;
+      for (int64_t o = begin; o < end; ++o) run_row<T, G>(mode, p, sc, o, x, dy, y, am);
+    });
+    return;
+  }
+  const int W = tile_width(p.K, p.inner);
+  const int64_t tiles_per_outer = (p.inner + W - 1) / W;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (std::max<int64_t>(p.K, 1) * W));
+  at::parallel_for(0, p.outer * tiles_per_outer, grain, [&](int64_t begin, int64_t end) {
+    Scratch sc;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t o = tile / tiles_per_outer;
+      const int64_t i0 = (tile % tiles_per_outer) * W;
+      const int wr = static_cast<int>(std::min<int64_t>(W, p.inner - i0));
+      if (wr != W) {
+        run_tile<0, T, G>(mode, p, sc, o, i0, wr, x, dy, y, am);
+      } else if (W == 16) {
+        run_tile<16, T, G>(mode, p, sc, o, i0, wr, x, dy, y, am);
+      } else if (W == 8) {
+        run_tile<8, T, G>(mode, p, sc, o, i0, wr, x, dy, y, am);
+      } else {
+        run_tile<4, T, G>(mode, p, sc, o, i0, wr, x, dy, y, am);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Ops: argument checks, views, dtype dispatch.
+
+void check_float_dtype(const at::Tensor& t, const char* op, const char* arg) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", arg,
+              ": expected float16, bfloat16 or float32, got ", st);
+}
+
+void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, ": expected a CPU tensor (the C++ CPU backend), got device ",
+              t.device());
+}
+
+// The [outer, K, inner] view of x, contiguous (copied only when the layout is not).
+at::Tensor contiguous_view(const at::Tensor& x, int64_t dim, int64_t* outer, int64_t* K, int64_t* inner) {
+  ReductionView v = reduction_view(x, dim);
+  *outer = v.outer;
+  *K = v.K;
+  *inner = v.inner;
+  // The kernels address element (o, k, i) at (o * K + k) * inner + i: other layouts are copied.
+  return v.t.is_contiguous() ? v.t : v.t.contiguous();
+}
+
+Problem make_problem(int64_t seed, int64_t offset, int64_t outer, int64_t K, int64_t inner, double tau) {
+  return Problem{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), outer, K, inner,
+                 static_cast<float>(1.0 / tau)};
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "dalle_fast: unexpected dtype ", st);
+  }
+}
+
+at::Tensor gumbel_noise_cpu(const at::Tensor& like, at::IntArrayRef shape, int64_t seed, int64_t offset) {
+  constexpr const char* op = "gumbel_noise";
+  check_float_dtype(like, op, "like");
+  check_cpu(like, op, "like");
+  int64_t numel = 1;
+  for (const int64_t s : shape) {
+    TORCH_CHECK(s >= 0, op, ": shape: expected non-negative sizes, got ", shape);
+    numel *= s;
+  }
+  check_offset(offset, numel, op);
+  at::Tensor out = at::empty(shape, like.options().memory_format(at::MemoryFormat::Contiguous));
+  if (numel == 0) return out;
+  constexpr int64_t kChunk = 4096;  // elements per noise run (multiple of 4: runs start aligned)
+  dispatch_float(out.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    T* y = out.data_ptr<T>();
+    at::parallel_for(0, (numel + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+      RunNoise nz;
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t i0 = chunk * kChunk, n = std::min(kChunk, numel - i0);
+        nz.compute(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset) + i0, 0, 1, n);
+        row_scale_store<T>(nz.at(0), n, 1.f, y + i0);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor gumbel_softmax_fwd_cpu(const at::Tensor& logits, double tau, bool hard, int64_t dim, int64_t seed,
+                                  int64_t offset) {
+  constexpr const char* op = "gumbel_softmax_fwd";
+  check_float_dtype(logits, op, "logits");
+  check_cpu(logits, op, "logits");
+  check_logits(logits, dim, op);
+  check_tau(tau, op);
+  check_offset(offset, logits.numel(), op);
+  at::Tensor out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (logits.numel() == 0) return out;
+  int64_t outer, K, inner;
+  const at::Tensor x = contiguous_view(logits, dim, &outer, &K, &inner);
+  const Problem p = make_problem(seed, offset, outer, K, inner, tau);
+  dispatch_float(logits.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    run<T, T>(hard ? Mode::kHard : Mode::kSoft, p, x.data_ptr<T>(), nullptr, out.data_ptr<T>(), nullptr);
+  });
+  return out;
+}
+
+at::Tensor gumbel_softmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, double tau, int64_t dim,
+                                  int64_t seed, int64_t offset) {
+  constexpr const char* op = "gumbel_softmax_bwd";
+  check_float_dtype(logits, op, "logits");
+  check_float_dtype(grad, op, "grad");
+  check_cpu(logits, op, "logits");
+  TORCH_CHECK(grad.device() == logits.device(), op, ": grad: expected the device of logits (", logits.device(),
+              "), got ", grad.device());
+  check_logits(logits, dim, op);
+  TORCH_CHECK(grad.sizes() == logits.sizes(), op, ": grad: expected the shape of logits ", logits.sizes(), ", got ",
+              grad.sizes());
+  check_tau(tau, op);
+  check_offset(offset, logits.numel(), op);
+  at::Tensor out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (logits.numel() == 0) return out;
+  int64_t outer, K, inner;
+  const at::Tensor x = contiguous_view(logits, dim, &outer, &K, &inner);
+  const at::Tensor dy = contiguous_view(grad, dim, &outer, &K, &inner);
+  const Problem p = make_problem(seed, offset, outer, K, inner, tau);
+  dispatch_float(logits.scalar_type(), [&](auto xtag) {
+    using T = decltype(xtag);
+    dispatch_float(grad.scalar_type(), [&](auto gtag) {
+      using G = decltype(gtag);
+      run<T, G>(Mode::kBackward, p, x.data_ptr<T>(), dy.data_ptr<G>(), out.data_ptr<T>(), nullptr);
+    });
+  });
+  return out;
+}
+
+at::Tensor gumbel_argmax_cpu(const at::Tensor& logits, int64_t dim, int64_t seed, int64_t offset) {
+  constexpr const char* op = "gumbel_argmax";
+  check_float_dtype(logits, op, "logits");
+  check_cpu(logits, op, "logits");
+  check_logits(logits, dim, op);
+  check_offset(offset, logits.numel(), op);
+  std::vector<int64_t> out_shape;
+  for (int64_t d = 0; d < logits.dim(); ++d)
+    if (d != dim) out_shape.push_back(logits.size(d));
+  at::Tensor out = at::empty(out_shape, logits.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(logits.size(dim) > 0, op, ": logits: expected a non-empty dim ", dim, " (argmax of nothing), got shape ",
+              logits.sizes());
+  int64_t outer, K, inner;
+  const at::Tensor x = contiguous_view(logits, dim, &outer, &K, &inner);
+  const Problem p = make_problem(seed, offset, outer, K, inner, 1.0);
+  dispatch_float(logits.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    run<T, T>(Mode::kArgmax, p, x.data_ptr<T>(), nullptr, nullptr, out.data_ptr<int64_t>());
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace dalle_fast
+
+TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) {
+  m.impl("gumbel_noise", &dalle_fast::gumbel_noise_cpu);
+  m.impl("gumbel_softmax_fwd", &dalle_fast::gumbel_softmax_fwd_cpu);
+  m.impl("gumbel_softmax_bwd", &dalle_fast::gumbel_softmax_bwd_cpu);
+  m.impl("gumbel_argmax", &dalle_fast::gumbel_argmax_cpu);
+}

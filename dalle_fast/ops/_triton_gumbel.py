@@ -24,9 +24,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
-# Largest K reduced in one tile (one read of the logits); past it the kernels make two passes.
-ONE_PASS_MAX_FWD = 16384
+# Largest K reduced in one tile (one read of the logits); past it the kernels make two passes. Set by the
+# sm_90 register budget (scripts/triton_aot_check.py): a soft forward or backward tile of 16384 spills.
+ONE_PASS_MAX_FWD = 8192
 ONE_PASS_MAX_BWD = 8192
+ONE_PASS_MAX_ARGMAX = 16384  # argmax and the hard forward keep fewer values live
 # Elements per tile of the column layout and of the small-K row layout.
 _TILE_ELEMS = 2048
 # Column layout: shrink the inner tile (down to 16 columns) until there are this many programs.
@@ -112,7 +114,7 @@ class ReductionConfig(NamedTuple):
 
 def _warps(tile: int) -> int:
     # About 8 to 16 fp32 elements a thread: the Philox rounds keep many values live per element.
-    return 4 if tile <= 512 else 8 if tile <= 2048 else 16 if tile <= 8192 else 32
+    return 4 if tile <= 512 else 8 if tile <= 2048 else 16
 
 
 def _reduction_config(outer: int, K: int, inner: int, offset: int, one_pass_max: int) -> ReductionConfig:
@@ -195,7 +197,7 @@ def softmax_fwd(logits: torch.Tensor, tau: float, hard: bool, dim: int, seed: in
     if logits.numel() == 0:
         return out
     x, outer, K, inner = _view3(logits, dim)
-    cfg = _reduction_config(outer, K, inner, offset, ONE_PASS_MAX_FWD)
+    cfg = _reduction_config(outer, K, inner, offset, ONE_PASS_MAX_ARGMAX if hard else ONE_PASS_MAX_FWD)
     _kernels()._gumbel_softmax_fwd_kernel[(cfg.grid,)](
         x, out,
         x.stride(0), x.stride(1), x.stride(2),
@@ -250,7 +252,7 @@ def argmax(logits: torch.Tensor, dim: int, seed: int, offset: int) -> torch.Tens
             f"{op}: logits: expected a non-empty dim {dim} (argmax of nothing), got shape {tuple(logits.shape)}"
         )
     x, outer, K, inner = _view3(logits, dim)
-    cfg = _reduction_config(outer, K, inner, offset, ONE_PASS_MAX_FWD)
+    cfg = _reduction_config(outer, K, inner, offset, ONE_PASS_MAX_ARGMAX)
     _kernels()._gumbel_argmax_kernel[(cfg.grid,)](
         x, out,
         x.stride(0), x.stride(1), x.stride(2),

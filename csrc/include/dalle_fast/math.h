@@ -58,6 +58,10 @@ DF_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) 
   uint32_t c2 = 0, c3 = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10  // unrolled, a loop over counters around this call vectorises (CPU backend)
+#elif defined(__clang__)
+#pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t p0 = c0, p2 = c2;
@@ -103,6 +107,93 @@ DF_HD float gumbel_from_uniform(float u) {
 DF_HD float gumbel_from_uint32(uint32_t bits) { return gumbel_from_uniform(uniform_from_uint32(bits)); }
 
 DF_HD float gumbel_at(uint64_t seed, uint64_t n) { return gumbel_from_uint32(philox_uint32_at(seed, n)); }
+
+// ---- Branch-free log and exp for loops that must vectorise on the CPU ----
+// std::log / std::exp are library calls that keep a CPU loop scalar (about 20x slower than the SIMD
+// code around them). These two are plain float/integer arithmetic with selects only, so a compiler
+// vectorises a loop that calls them; the C++ CPU backend uses them for the noise map and the softmax.
+// Accuracy (checked exhaustively over every input the noise map can see, and on the softmax range):
+// within 2 ulp of the correctly rounded result, far inside the parity tolerances.
+
+DF_HD uint32_t float_as_uint32(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+DF_HD float uint32_as_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  __builtin_memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// log(x) for POSITIVE, NORMAL, FINITE x only (no 0, inf, NaN or subnormal handling: the noise map
+// never produces them). fdlibm's reduction: x = 2^k * m with m in [sqrt(1/2), sqrt(2)), f = m - 1
+// (exact), s = f / (2 + f), log(1 + f) = f - (f^2/2 - s * (f^2/2 + R(s^2))), so that the rounding of
+// the small correction term is all the error; near x = 1 the relative accuracy of f is kept, which is
+// what the Gumbel map needs for u close to 1.
+DF_HD float log_positive_normal(float x) {
+  const uint32_t ix = float_as_uint32(x);
+  const int32_t k = static_cast<int32_t>(ix - 0x3f3504f3u) >> 23;  // 0x3f3504f3 = sqrt(1/2)
+  const float m = uint32_as_float(ix - (static_cast<uint32_t>(k) << 23));
+  const float f = m - 1.f;
+  const float s = f / (2.f + f);
+  const float s2 = s * s;
+  // Taylor coefficients of 2 atanh(s)/s - 2 in s^2 (|s| <= 0.1716: the next term is below 2^-30).
+  const float R = s2 * (0.66666668653f + s2 * (0.40000000596f + s2 * (0.28571429849f + s2 * 0.22222198546f)));
+  const float hfsq = 0.5f * f * f;
+  const float kf = static_cast<float>(k);
+  // ln 2 split so that kf * kLn2Hi is exact for |k| < 2^8.
+  return kf * 6.9313812256e-01f - ((hfsq - (s * (hfsq + R) + kf * 9.0580006145e-06f)) - f);
+}
+
+// exp(x) for any float x: exp(x) = 2^n * p(r), n = round(x / ln 2), |r| <= ln(2)/2, p a degree-7
+// Taylor polynomial (truncation error below 2^-27). x below -86 returns 0 (exp(-86) ~ 4e-38: the
+// softmax only uses exp(z - max), where such values do not matter), x above 88 returns +inf, NaN
+// stays NaN.
+DF_HD float exp_finite_or_zero(float x) {
+  const float xc = x < -86.f ? -86.f : (x > 88.f ? 88.f : x);  // NaN passes through here...
+  const float kShift = 12582912.f;                             // 1.5 * 2^23: rounds to an integer
+  const float t = xc * 1.44269504089f + kShift;
+  const float nf = t - kShift;
+  const int32_t n = static_cast<int32_t>(float_as_uint32(t) - float_as_uint32(kShift));
+  const float r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const float y = uint32_as_float(float_as_uint32(p) + (static_cast<uint32_t>(n) << 23));
+  return x != x ? x : (x < -86.f ? 0.f : (x > 88.f ? INFINITY : y));  // ...and is restored here
+}
+
+// max(a, b) for non-negative, non-NaN floats, as an integer max of the bit patterns (which order like
+// the values). A float select in front of a log lets GCC thread the constant branch into control flow
+// that stops the loop from vectorising; an integer max does not.
+DF_HD float max_nonnegative(float a, float b) {
+  const uint32_t x = float_as_uint32(a), y = float_as_uint32(b);
+  return uint32_as_float(x > y ? x : y);
+}
+
+// The guarded Gumbel map of gumbel_from_uniform with the vectorisable log (same guard, same range).
+DF_HD float gumbel_from_uniform_vec(float u) {
+  const float uc = max_nonnegative(u, kGumbelUMin);           // u >= 0
+  const float t = max_nonnegative(-log_positive_normal(uc), kGumbelTMin);  // -log(uc) > 0 since uc < 1
+  return -log_positive_normal(t);
+}
+
+DF_HD float gumbel_from_uint32_vec(uint32_t bits) { return gumbel_from_uniform_vec(uniform_from_uint32(bits)); }
 
 DF_HD float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
