@@ -36,9 +36,10 @@ DVAE_SHAPE = (8, 8192, 32, 32)  # dVAE codebook logits, softmax over dim 1 (stri
 TOKENS_SHAPE = (8192, 8192)  # sampler logits, dim -1
 SMOKE_DVAE_SHAPE = (2, 64, 4, 4)
 SMOKE_TOKENS_SHAPE = (16, 256)
-# The CPU suite takes B=2 for the dVAE shape by default: at B=8 it runs ~17 min on 2 cores (each call of
-# torch eager, torch.compile or cpp is seconds there); DALLE_FAST_BENCH_CPU_BATCH=8 restores it.
-CPU_DVAE_BATCH = 2
+# B of the dVAE shape on CPU. The full B=8 suite took 6 min on 2 cores (2026-11-30, load ~1.5) and 5 min
+# at B=2 under load ~2.5; DALLE_FAST_BENCH_CPU_BATCH=2 (or --cpu-batch 2) shortens a run on a busy machine,
+# and the record then says so.
+CPU_DVAE_BATCH = 8
 # Our eager oracle runs Philox in plain torch: ~200 s per forward at 67M elements on a 2-core CPU.
 EAGER_ORACLE_MAX_NUMEL_CPU = 1 << 22
 GPU_BACKENDS = ("cuda", "triton")
