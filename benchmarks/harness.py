@@ -1,0 +1,565 @@
+"""The benchmark harness every kernel family shares (DESIGN section 7).
+
+A family (e.g. benchmarks/gumbel.py) builds one callable per (op, backend, dtype, shape, mode, variant) and
+states the MINIMUM bytes the op must move and flops it must do; `Suite.measure` times it, measures its peak
+extra memory and keeps a record. `Suite.finish` computes the ratios that need several records of the same
+case measured side by side in this run (speed-up over PyTorch eager and over torch.compile, memory ratios,
+fraction of the device-to-device copy bandwidth on GPU), writes the JSON and a text summary.
+
+Timing
+    GPU: CUDA events around each call, L2 flushed (a 256 MiB write) between calls outside the events,
+         `warmup` untimed calls first; the figure is the median of `repeats` calls.
+    CPU: time.perf_counter around each call; median of `repeats` calls. Calls take seconds there, so the
+         one untimed call before them is the memory measurement below (torch.compile gets one more, its
+         compilation); `warmup` adds more.
+    Both: the memory call comes after the warm-up calls and before the timed ones.
+    Under TRITON_INTERPRET nothing is timed: the harness refuses (InterpreterRefused).
+
+Peak extra memory (bytes allocated by one call beyond what was live before it: the inputs, and for mode
+"bwd" the forward's graph; outputs and gradients the call returns count, since the call allocated them)
+    GPU: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before.
+    CPU: the torch profiler's allocation events (profile_memory=True: every allocation and free through
+         PyTorch's CPU allocator c10, with its size), summed in time order; the peak of that running sum.
+         Cross-check in the same call: the process's peak resident set (VmHWM, reset through
+         /proc/self/clear_refs) minus the resident set before. The RSS figure also sees memory that does
+         not go through c10 (e.g. std::vector scratch in a C++ kernel, thread stacks) and pages returned late
+         by the C library; it is meaningful only for blocks above glibc's mmap threshold (<= 32 MiB; the
+         benchmark tensors are >= 134 MB): smaller freed blocks stay in the heap and are reused unseen.
+         Both are recorded, the profiler figure is `peak_extra_bytes`; records with a peak >= 128 MiB whose
+         two figures differ by more than 10% are flagged `memory_methods_disagree`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+MODES = ("fwd", "bwd", "fwd+bwd")
+PEER_EAGER = "torch"  # PyTorch's own eager implementation: the baseline of "speed-up over eager"
+PEER_COMPILE = "torch.compile"  # torch.compile of that same implementation
+PEERS = (PEER_EAGER, PEER_COMPILE)
+MEMORY_DISAGREEMENT = 0.10  # CPU: flag a record whose profiler and RSS peaks differ by more than this...
+MEMORY_CHECK_MIN_BYTES = 128 << 20  # ...when the peak is this large: smaller blocks come from glibc's heap
+# (below its mmap threshold, at most 32 MiB), which reuses freed pages without returning them, so RSS
+# does not see them; blocks above it are mmap'ed on allocation and unmapped on free.
+
+
+class InterpreterRefused(RuntimeError):
+    """Raised when asked to time anything under TRITON_INTERPRET: interpreter timings mean nothing."""
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def refuse_interpreter() -> None:
+    if interpreter_active():
+        raise InterpreterRefused(
+            "TRITON_INTERPRET is set: runs under the Triton interpreter are never timed; unset it to benchmark"
+        )
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# ----------------------------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        import cpuinfo  # py-cpuinfo, optional
+
+        return cpuinfo.get_cpu_info().get("brand_raw") or platform.processor()
+    except Exception:
+        return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_kind(device: torch.device) -> str:
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the figures were measured on: enough to tell two runs' machines apart."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    info = {
+        "kind": machine_kind(device),
+        "device": str(device),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "torch_num_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _triton_version(),
+        "commit": _git("rev-parse", "HEAD"),
+        "commit_dirty": bool(status) if status is not None else None,
+        "loadavg_at_start": _loadavg(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import dalle_fast
+
+        info["dalle_fast_C"] = dalle_fast.load() is not None
+        info["dalle_fast_C_error"] = dalle_fast.load_error
+    except Exception as e:  # the harness still describes the machine
+        info["dalle_fast_C_error"] = f"{type(e).__name__}: {e}"
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update({
+            "device_name": p.name,
+            "capability": f"{p.major}.{p.minor}",
+            "multiprocessors": p.multi_processor_count,
+            "device_memory_bytes": p.total_memory,
+            "driver": _nvidia_driver(),
+        })
+    else:
+        info["device_name"] = info["cpu_model"]
+    return info
+
+
+def machine_slug(info: dict) -> str:
+    """File-name part: gpu-nvidia-h200, cpu-amd-epyc-2cores. CPU and GPU runs never share a file."""
+    if info["kind"] == "gpu":
+        return "gpu-" + _slug(info["device_name"])
+    return f"cpu-{_slug(info['cpu_model'])}-{info['cpu_affinity']}cores"
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Within the block SIGTERM raises KeyboardInterrupt, so a runner stopped by `timeout` still writes."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# -------------------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _L2Flush:
+    """Writes 256 MiB between timed GPU calls so no call starts with its inputs already in L2."""
+
+    def __init__(self, device: torch.device):
+        self.buf = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+
+    def __call__(self) -> None:
+        self.buf.zero_()
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+               flush: Callable[[], None] | None = None) -> tuple[list[float], float]:
+    """Seconds of each of `repeats` timed calls, and of the first (cold) call."""
+    refuse_interpreter()
+    cold = None
+    for i in range(max(warmup, 0)):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        if i == 0:
+            cold = time.perf_counter() - t0
+        del out
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            if flush is not None:
+                flush()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+            del out
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+            del out
+    if cold is None:
+        cold = times[0] if times else float("nan")
+    return times, cold
+
+
+def _proc_status(*keys: str) -> dict[str, int]:
+    found = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in keys:
+                found[k] = int(v.split()[0]) * 1024
+    return found
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_extra(fn: Callable[[], object]) -> dict:
+    """One call under the profiler (c10 allocation events) and the RSS high-water mark; see the module doc."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    rss_ok = _reset_peak_rss()
+    before = _proc_status("VmRSS")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    after = _proc_status("VmHWM")
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda t: t[0])
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    res = {"peak_extra_bytes": int(peak), "memory_method": "torch.profiler CPU allocation events (c10)",
+           "allocation_events": len(events)}
+    if rss_ok and "VmRSS" in before and "VmHWM" in after:
+        res["peak_extra_bytes_rss"] = int(max(after["VmHWM"] - before["VmRSS"], 0))
+    return res
+
+
+def cuda_peak_extra(fn: Callable[[], object], device: torch.device) -> dict:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    del out
+    peak = torch.cuda.max_memory_allocated(device) - base
+    return {"peak_extra_bytes": int(peak), "memory_method": "torch.cuda.max_memory_allocated - allocated before"}
+
+
+def peak_extra(fn: Callable[[], object], device: torch.device) -> dict:
+    refuse_interpreter()
+    return cuda_peak_extra(fn, device) if device.type == "cuda" else cpu_peak_extra(fn)
+
+
+# ------------------------------------------------------------------------------------------------ suite
+
+
+def _case_key(r: dict) -> tuple:
+    return (r["op"], r["dtype"], tuple(r["shape"]), r["mode"], json.dumps(r["variant"], sort_keys=True))
+
+
+class Suite:
+    """Collects one family's records for one device and writes them.
+
+    `measure(...)` never raises for a failing backend: it records status "error" with the message (and the
+    caller decides whether that fails a test). Past `time_budget_s` every further case is recorded as
+    skipped, so the results are always written.
+    """
+
+    def __init__(self, family: str, device: torch.device | str, *, smoke: bool = False, quick: bool = False,
+                 warmup: int | None = None, repeats: int | None = None, out_dir: str | Path | None = None,
+                 time_budget_s: float | None = None, notes: list[str] | None = None):
+        refuse_interpreter()
+        self.family = family
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.smoke = smoke
+        self.quick = quick  # families read it: a quick run measures fewer cases
+        cpu = self.device.type == "cpu"
+        # CPU: the profiled memory call is the warm-up (calls take seconds there); torch.compile gets one
+        # more untimed call first, its compilation. GPU: `warmup` calls, then the memory call.
+        self.warmup = warmup if warmup is not None else (0 if cpu else 1 if smoke else 10)
+        self.repeats = repeats if repeats is not None else (1 if smoke else 3 if cpu else 50)
+        self.out_dir = Path(out_dir) if out_dir else RESULTS_DIR
+        self.started = time.monotonic()
+        self.deadline = self.started + time_budget_s if time_budget_s else None
+        self.notes = list(notes or [])
+        self.records: list[dict] = []
+        self.machine = machine_info(self.device)
+        self._flush = _L2Flush(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cpu":  # the profiler's first session loads libraries: keep that out of RSS
+            cpu_peak_extra(lambda: None)
+        self._copy_cache: dict[int, float] = {}
+
+    # -- time budget
+    def time_left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    # -- records
+    def _base(self, op, backend, dtype, shape, mode, variant) -> dict:
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        return {"op": op, "backend": backend, "dtype": dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype,
+                "shape": list(shape), "mode": mode, "variant": dict(variant)}
+
+    def skip(self, *, op, backend, dtype, shape, mode, variant, reason: str) -> dict:
+        rec = self._base(op, backend, dtype, shape, mode, variant)
+        rec.update(status="skipped", reason=reason)
+        self.records.append(rec)
+        return rec
+
+    def measure(self, *, op: str, backend: str, dtype, shape, mode: str, variant: dict,
+                make: Callable[[], Callable[[], object]], nbytes: int, flops: int, notes: str | None = None) -> dict:
+        """Time `make()()`: make builds the inputs (untimed) and returns the call to time."""
+        rec = self._base(op, backend, dtype, shape, mode, variant)
+        rec.update(bytes=int(nbytes), flops=int(flops))
+        if notes:
+            rec["notes"] = notes
+        if self.time_left() <= 0:
+            rec.update(status="skipped", reason="time budget spent")
+            self.records.append(rec)
+            return rec
+        fn = None
+        try:
+            fn = make()
+            warmup = max(self.warmup, 1) if backend == PEER_COMPILE else self.warmup
+            cold = None
+            if warmup:
+                _, cold = time_calls(fn, self.device, warmup, 0)
+            t0 = time.perf_counter()
+            rec.update(peak_extra(fn, self.device))
+            if cold is None:
+                cold = time.perf_counter() - t0  # the profiled memory call was the first
+            times, _ = time_calls(fn, self.device, 0, self.repeats, self._flush)
+            med = statistics.median(times)
+            rec.update(status="ok", times_s=times, median_s=med, min_s=min(times), first_call_s=cold,
+                       warmup=warmup, repeats=self.repeats,
+                       gbps=nbytes / med / 1e9, tflops=flops / med / 1e12)
+            if "peak_extra_bytes_rss" in rec and rec["peak_extra_bytes"] >= MEMORY_CHECK_MIN_BYTES:
+                rel = abs(rec["peak_extra_bytes_rss"] - rec["peak_extra_bytes"]) / rec["peak_extra_bytes"]
+                rec["memory_methods_disagree"] = rel > MEMORY_DISAGREEMENT
+        except InterpreterRefused:
+            raise
+        except Exception as e:  # recorded, reported; the suite goes on
+            rec.update(status="error", reason=f"{type(e).__name__}: {str(e)[:2000]}")
+        finally:
+            del fn
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.records.append(rec)
+        return rec
+
+    def copy_gbps(self, nbytes: int) -> float | None:
+        """GB/s of a device-to-device copy moving `nbytes` (nbytes/2 read, nbytes/2 written), same timer."""
+        if self.device.type != "cuda":
+            return None
+        half = max(int(nbytes) // 2, 1)
+        if half not in self._copy_cache:
+            try:
+                src = torch.empty(half, dtype=torch.uint8, device=self.device).random_(0, 255)
+                dst = torch.empty_like(src)
+
+                def copy():
+                    dst.copy_(src)
+
+                times, _ = time_calls(copy, self.device, self.warmup, self.repeats, self._flush)
+                self._copy_cache[half] = 2 * half / statistics.median(times) / 1e9
+                del src, dst
+                torch.cuda.empty_cache()
+            except Exception:
+                self._copy_cache[half] = float("nan")
+        return self._copy_cache[half]
+
+    # -- ratios and output
+    def _ratios(self) -> None:
+        by_case: dict[tuple, dict[str, dict]] = {}
+        for r in self.records:
+            if r.get("status") == "ok":
+                by_case.setdefault(_case_key(r), {})[r["backend"]] = r
+        for recs in by_case.values():
+            eager, comp = recs.get(PEER_EAGER), recs.get(PEER_COMPILE)
+            for r in recs.values():
+                if eager is not None:
+                    r["speedup_vs_torch"] = eager["median_s"] / r["median_s"]
+                    if eager.get("peak_extra_bytes"):
+                        r["memory_vs_torch"] = r["peak_extra_bytes"] / eager["peak_extra_bytes"]
+                if comp is not None:
+                    r["speedup_vs_compile"] = comp["median_s"] / r["median_s"]
+                    if comp.get("peak_extra_bytes"):
+                        r["memory_vs_compile"] = r["peak_extra_bytes"] / comp["peak_extra_bytes"]
+                if self.device.type == "cuda":
+                    cb = self.copy_gbps(r["bytes"])
+                    if cb:
+                        r["copy_gbps"] = cb
+                        r["fraction_of_copy"] = r["gbps"] / cb
+
+    def result_stem(self) -> str:
+        return f"{machine_slug(self.machine)}-{self.family}" + ("-smoke" if self.smoke else "")
+
+    def finish(self, goals: Callable[[list[dict], str], list[dict]] | None = None) -> dict:
+        """Ratios, goals, JSON and summary. Returns {"json": path, "summary": path, "text": summary}."""
+        self._ratios()
+        self.machine["loadavg_at_end"] = _loadavg()
+        goal_rows = goals(self.records, machine_kind(self.device)) if goals else []
+        doc = {
+            "family": self.family,
+            "smoke": self.smoke,
+            "quick": self.quick,
+            "machine": self.machine,
+            "settings": {"warmup": self.warmup, "repeats": self.repeats,
+                         "timer": "CUDA events, L2 flushed between calls" if self.device.type == "cuda"
+                         else "time.perf_counter", "statistic": "median",
+                         "elapsed_s": round(time.monotonic() - self.started, 1)},
+            "memory": __doc__.split("Peak extra memory", 1)[1].split('"""')[0].strip(),
+            "notes": self.notes,
+            "goals": goal_rows,
+            "records": self.records,
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.result_stem()
+        jpath, spath = self.out_dir / f"{stem}.json", self.out_dir / f"{stem}.txt"
+        text = summary_text(doc)
+        jpath.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        spath.write_text(text)
+        return {"json": jpath, "summary": spath, "text": text, "doc": doc}
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return str(n)
+
+
+def _fmt(x, spec=".2f", suffix="") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
+
+
+def summary_text(doc: dict) -> str:
+    m = doc["machine"]
+    lines = [
+        f"{doc['family']} benchmarks{' (SMOKE: tiny shapes, 1 repeat; figures meaningless)' if doc['smoke'] else ''}",
+        f"machine: {m['kind']} {m.get('device_name')} | cpu {m['cpu_model']} x{m['cpu_affinity']} "
+        f"(torch threads {m['torch_num_threads']}) | torch {m['torch']} cuda {m['torch_cuda']} "
+        f"triton {m['triton']} | load {m.get('loadavg_at_start')} -> {m.get('loadavg_at_end')} "
+        f"| commit {str(m['commit'])[:10]}{'+dirty' if m['commit_dirty'] else ''} | {m['date']}",
+        f"timing: median of {doc['settings']['repeats']} after {doc['settings']['warmup']} warm-up + 1 memory call "
+        f"({doc['settings']['timer']}); vs torch / vs compile = speed-up over torch eager / torch.compile "
+        "measured in this run; mem = peak extra bytes of one call",
+    ]
+    lines += [f"note: {n}" for n in doc["notes"]]
+    gpu = m["kind"] == "gpu"
+    hdr = (f"{'op':<15}{'variant':<18}{'dtype':<9}{'shape':<18}{'mode':<8}{'backend':<14}{'median':>10}"
+           f"{'GB/s':>9}{'TFLOP/s':>9}{'vs torch':>9}{'vs comp':>8}{'mem':>9}{'mem/torch':>10}"
+           + (f"{'%copy':>7}" if gpu else f"{'mem(rss)':>10}"))
+    lines += ["", hdr, "-" * len(hdr)]
+    for r in doc["records"]:
+        variant = ",".join(f"{k}={v}" for k, v in r["variant"].items() if k != "tau")
+        head = (f"{r['op']:<15}{variant:<18}{r['dtype']:<9}{'x'.join(map(str, r['shape'])):<18}{r['mode']:<8}"
+                f"{r['backend']:<14}")
+        if r.get("status") != "ok":
+            lines.append(head + f"  {r.get('status', '?').upper()}: {r.get('reason', '')[:90]}")
+            continue
+        med = r["median_s"]
+        t = f"{med * 1e3:.3f}ms" if med < 10 else f"{med:.2f}s"
+        tail = (f"{_fmt(r.get('fraction_of_copy'), '.0%'):>7}" if gpu
+                else f"{_fmt_bytes(r.get('peak_extra_bytes_rss')):>10}")
+        lines.append(head + f"{t:>10}{r['gbps']:>9.1f}{r['tflops']:>9.3g}"
+                     f"{_fmt(r.get('speedup_vs_torch'), '.2f', 'x'):>9}"
+                     f"{_fmt(r.get('speedup_vs_compile'), '.2f', 'x'):>8}{_fmt_bytes(r.get('peak_extra_bytes')):>9}"
+                     f"{_fmt(r.get('memory_vs_torch'), '.2f', 'x'):>10}" + tail)
+    if doc["goals"]:
+        lines += ["", "goals:"]
+        for g in doc["goals"]:
+            lines.append(f"  {g['status']:<5} {g['goal']}: measured {g['measured']} (target {g['target']})"
+                         + (f" [{g['detail']}]" if g.get("detail") else ""))
+    counts = {}
+    for r in doc["records"]:
+        counts[r.get("status")] = counts.get(r.get("status"), 0) + 1
+    lines += ["", "records: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=str)),
+              f"elapsed: {doc['settings']['elapsed_s']} s"]
+    return "\n".join(lines) + "\n"
