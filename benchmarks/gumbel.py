@@ -179,8 +179,9 @@ def cases(device: torch.device, *, smoke: bool = False, quick: bool = False, cpu
         for dtype in dtypes_for(device, quick):
             for hard in (False, True):
                 for mode in harness.MODES:
-                    out.append({"op": "gumbel_softmax", "shape": shape, "dim": dim, "dtype": dtype,
-                                "mode": mode, "hard": hard})
+                    out.append(
+                        {"op": "gumbel_softmax", "shape": shape, "dim": dim, "dtype": dtype, "mode": mode, "hard": hard}
+                    )
     tokens = SMOKE_TOKENS_SHAPE if smoke else TOKENS_SHAPE
     for dtype in dtypes_for(device, quick):
         out.append({"op": "gumbel_argmax", "shape": tokens, "dim": -1, "dtype": dtype, "mode": "fwd", "hard": None})
@@ -202,15 +203,24 @@ def run_case(suite: harness.Suite, c: dict) -> list[dict]:
     for backend in our_backends(op, device) + list(harness.PEERS):
         common = dict(op=op, backend=backend, dtype=dtype, shape=shape, mode=mode, variant=variant)
         if backend == "eager" and device.type == "cpu" and _numel(shape) > EAGER_ORACLE_MAX_NUMEL_CPU:
-            recs.append(suite.skip(**common, reason=f"eager Philox oracle not timed on CPU above "
-                                   f"{EAGER_ORACLE_MAX_NUMEL_CPU} elements (~200 s a forward at 67M on 2 cores)"))
+            recs.append(
+                suite.skip(
+                    **common,
+                    reason=f"eager Philox oracle not timed on CPU above "
+                    f"{EAGER_ORACLE_MAX_NUMEL_CPU} elements (~200 s a forward at 67M on 2 cores)",
+                )
+            )
             continue
         if backend == harness.PEER_COMPILE and suite.smoke and dtype != torch.float32:
             recs.append(suite.skip(**common, reason="smoke run: the torch.compile peer runs at float32 only"))
             continue
         if backend == harness.PEER_COMPILE and QUICK_SKIPS_COMPILE and mode == "fwd" and suite.quick:
-            recs.append(suite.skip(**common, reason="quick run: torch.compile only where a goal needs it "
-                                   "(bwd, fwd+bwd: one compiled graph)"))
+            recs.append(
+                suite.skip(
+                    **common,
+                    reason="quick run: torch.compile only where a goal needs it (bwd, fwd+bwd: one compiled graph)",
+                )
+            )
             continue
         if op == "gumbel_argmax":
             make = make_argmax(backend, shape, dtype, dim, device)
@@ -226,24 +236,39 @@ def run_case(suite: harness.Suite, c: dict) -> list[dict]:
 def _goal(name, values, target, better: str, fmt: str) -> dict:
     """values: [(value, case label)]; the worst case decides PASS/MISS."""
     if not values:
-        return {"goal": name, "measured": "n/a", "target": target, "status": "N/A",
-                "detail": "no successful records of this backend in this run"}
+        return {
+            "goal": name,
+            "measured": "n/a",
+            "target": target,
+            "status": "N/A",
+            "detail": "no successful records of this backend in this run",
+        }
     pick = min if better == "high" else max
     worst, label = pick(values, key=lambda t: t[0])
     limit = float(target.strip("<>=x% "))
     limit = limit / 100 if "%" in target else limit
     ok = worst >= limit if better == "high" else worst <= limit
     span = f"worst {worst:{fmt}} ({label}); best {(max if better == 'high' else min)(v for v, _ in values):{fmt}}"
-    return {"goal": name, "measured": f"{worst:{fmt}}", "target": target, "status": "PASS" if ok else "MISS",
-            "detail": f"{span}; {len(values)} cases"}
+    return {
+        "goal": name,
+        "measured": f"{worst:{fmt}}",
+        "target": target,
+        "status": "PASS" if ok else "MISS",
+        "detail": f"{span}; {len(values)} cases",
+    }
 
 
 def goals(records: list[dict], kind: str) -> list[dict]:
     def pick(backend, mode, key):
         out = []
         for r in records:
-            if (r.get("status") == "ok" and r["op"] == "gumbel_softmax" and r["backend"] == backend
-                    and r["mode"] == mode and r.get(key) is not None):
+            if (
+                r.get("status") == "ok"
+                and r["op"] == "gumbel_softmax"
+                and r["backend"] == backend
+                and r["mode"] == mode
+                and r.get(key) is not None
+            ):
                 hard = "hard" if r["variant"]["hard"] else "soft"
                 out.append((r[key], f"{hard} {r['dtype']} {'x'.join(map(str, r['shape']))}"))
         return out
@@ -251,24 +276,66 @@ def goals(records: list[dict], kind: str) -> list[dict]:
     rows = []
     if kind == "cpu":
         for b in CPU_BACKENDS:
-            rows.append(_goal(f"{b} fwd+bwd speed-up vs torch eager", pick(b, "fwd+bwd", "speedup_vs_torch"),
-                              ">= 3x", "high", ".2f"))
-            rows.append(_goal(f"{b} fwd+bwd speed-up vs torch.compile", pick(b, "fwd+bwd", "speedup_vs_compile"),
-                              ">= 1.5x", "high", ".2f"))
-            rows.append(_goal(f"{b} fwd+bwd peak extra memory / torch eager's", pick(b, "fwd+bwd", "memory_vs_torch"),
-                              "<= 0.5x", "low", ".2f"))
+            rows.append(
+                _goal(
+                    f"{b} fwd+bwd speed-up vs torch eager",
+                    pick(b, "fwd+bwd", "speedup_vs_torch"),
+                    ">= 3x",
+                    "high",
+                    ".2f",
+                )
+            )
+            rows.append(
+                _goal(
+                    f"{b} fwd+bwd speed-up vs torch.compile",
+                    pick(b, "fwd+bwd", "speedup_vs_compile"),
+                    ">= 1.5x",
+                    "high",
+                    ".2f",
+                )
+            )
+            rows.append(
+                _goal(
+                    f"{b} fwd+bwd peak extra memory / torch eager's",
+                    pick(b, "fwd+bwd", "memory_vs_torch"),
+                    "<= 0.5x",
+                    "low",
+                    ".2f",
+                )
+            )
     else:
         for b in GPU_BACKENDS:
-            rows.append(_goal(f"{b} fwd fraction of copy bandwidth", pick(b, "fwd", "fraction_of_copy"),
-                              ">= 85%", "high", ".1%"))
-            rows.append(_goal(f"{b} fwd speed-up vs torch eager", pick(b, "fwd", "speedup_vs_torch"),
-                              ">= 5x", "high", ".2f"))
-            rows.append(_goal(f"{b} bwd fraction of copy bandwidth", pick(b, "bwd", "fraction_of_copy"),
-                              ">= 70%", "high", ".1%"))
-            rows.append(_goal(f"{b} fwd+bwd speed-up vs torch eager", pick(b, "fwd+bwd", "speedup_vs_torch"),
-                              ">= 3x", "high", ".2f"))
-            rows.append(_goal(f"{b} fwd+bwd speed-up vs torch.compile", pick(b, "fwd+bwd", "speedup_vs_compile"),
-                              ">= 1.3x", "high", ".2f"))
+            rows.append(
+                _goal(
+                    f"{b} fwd fraction of copy bandwidth", pick(b, "fwd", "fraction_of_copy"), ">= 85%", "high", ".1%"
+                )
+            )
+            rows.append(
+                _goal(f"{b} fwd speed-up vs torch eager", pick(b, "fwd", "speedup_vs_torch"), ">= 5x", "high", ".2f")
+            )
+            rows.append(
+                _goal(
+                    f"{b} bwd fraction of copy bandwidth", pick(b, "bwd", "fraction_of_copy"), ">= 70%", "high", ".1%"
+                )
+            )
+            rows.append(
+                _goal(
+                    f"{b} fwd+bwd speed-up vs torch eager",
+                    pick(b, "fwd+bwd", "speedup_vs_torch"),
+                    ">= 3x",
+                    "high",
+                    ".2f",
+                )
+            )
+            rows.append(
+                _goal(
+                    f"{b} fwd+bwd speed-up vs torch.compile",
+                    pick(b, "fwd+bwd", "speedup_vs_compile"),
+                    ">= 1.3x",
+                    "high",
+                    ".2f",
+                )
+            )
     return rows
 
 
@@ -302,8 +369,17 @@ def new_suite(s: dict) -> harness.Suite:
         notes.append("quick mode: fewer dtypes, fewer repeats on GPU, torch.compile only for bwd and fwd+bwd")
         if s["device"].type == "cuda" and not s["smoke"]:
             repeats, warmup = repeats or 20, 5
-    return harness.Suite(FAMILY, s["device"], smoke=s["smoke"], quick=s["quick"], repeats=repeats, warmup=warmup,
-                         out_dir=s["out_dir"], time_budget_s=s["time_budget_s"], notes=notes)
+    return harness.Suite(
+        FAMILY,
+        s["device"],
+        smoke=s["smoke"],
+        quick=s["quick"],
+        repeats=repeats,
+        warmup=warmup,
+        out_dir=s["out_dir"],
+        time_budget_s=s["time_budget_s"],
+        notes=notes,
+    )
 
 
 def main(argv=None) -> int:
@@ -319,8 +395,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
     s = settings_from_env()
-    for k, v in (("device", a.device and torch.device(a.device)), ("cpu_batch", a.cpu_batch),
-                 ("repeats", a.repeats), ("time_budget_s", a.time_budget), ("out_dir", a.out)):
+    for k, v in (
+        ("device", a.device and torch.device(a.device)),
+        ("cpu_batch", a.cpu_batch),
+        ("repeats", a.repeats),
+        ("time_budget_s", a.time_budget),
+        ("out_dir", a.out),
+    ):
         if v:
             s[k] = v
     s["smoke"] = s["smoke"] or a.smoke

@@ -125,8 +125,12 @@ def _triton_version() -> str | None:
 
 def _nvidia_driver() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.TimeoutExpired, IndexError):
         return None
@@ -176,13 +180,15 @@ def machine_info(device: torch.device) -> dict:
         info["dalle_fast_C_error"] = f"{type(e).__name__}: {e}"
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info.update({
-            "device_name": p.name,
-            "capability": f"{p.major}.{p.minor}",
-            "multiprocessors": p.multi_processor_count,
-            "device_memory_bytes": p.total_memory,
-            "driver": _nvidia_driver(),
-        })
+        info.update(
+            {
+                "device_name": p.name,
+                "capability": f"{p.major}.{p.minor}",
+                "multiprocessors": p.multi_processor_count,
+                "device_memory_bytes": p.total_memory,
+                "driver": _nvidia_driver(),
+            }
+        )
     else:
         info["device_name"] = info["cpu_model"]
     return info
@@ -231,8 +237,9 @@ class _L2Flush:
         self.buf.zero_()
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-               flush: Callable[[], None] | None = None) -> tuple[list[float], float]:
+def time_calls(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, flush: Callable[[], None] | None = None
+) -> tuple[list[float], float]:
     """Seconds of each of `repeats` timed calls, and of the first (cold) call."""
     refuse_interpreter()
     cold = None
@@ -297,15 +304,21 @@ def cpu_peak_extra(fn: Callable[[], object]) -> dict:
         out = fn()
         del out
     after = _proc_status("VmHWM")
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events = [
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     events.sort(key=lambda t: t[0])
     running = peak = 0
     for _, nbytes in events:
         running += nbytes
         peak = max(peak, running)
-    res = {"peak_extra_bytes": int(peak), "memory_method": "torch.profiler CPU allocation events (c10)",
-           "allocation_events": len(events)}
+    res = {
+        "peak_extra_bytes": int(peak),
+        "memory_method": "torch.profiler CPU allocation events (c10)",
+        "allocation_events": len(events),
+    }
     if rss_ok and "VmRSS" in before and "VmHWM" in after:
         res["peak_extra_bytes_rss"] = int(max(after["VmHWM"] - before["VmRSS"], 0))
     return res
@@ -342,9 +355,19 @@ class Suite:
     skipped, so the results are always written.
     """
 
-    def __init__(self, family: str, device: torch.device | str, *, smoke: bool = False, quick: bool = False,
-                 warmup: int | None = None, repeats: int | None = None, out_dir: str | Path | None = None,
-                 time_budget_s: float | None = None, notes: list[str] | None = None):
+    def __init__(
+        self,
+        family: str,
+        device: torch.device | str,
+        *,
+        smoke: bool = False,
+        quick: bool = False,
+        warmup: int | None = None,
+        repeats: int | None = None,
+        out_dir: str | Path | None = None,
+        time_budget_s: float | None = None,
+        notes: list[str] | None = None,
+    ):
         refuse_interpreter()
         self.family = family
         self.device = torch.device(device)
@@ -376,8 +399,14 @@ class Suite:
     def _base(self, op, backend, dtype, shape, mode, variant) -> dict:
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-        return {"op": op, "backend": backend, "dtype": dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype,
-                "shape": list(shape), "mode": mode, "variant": dict(variant)}
+        return {
+            "op": op,
+            "backend": backend,
+            "dtype": dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype,
+            "shape": list(shape),
+            "mode": mode,
+            "variant": dict(variant),
+        }
 
     def skip(self, *, op, backend, dtype, shape, mode, variant, reason: str) -> dict:
         rec = self._base(op, backend, dtype, shape, mode, variant)
@@ -385,8 +414,20 @@ class Suite:
         self.records.append(rec)
         return rec
 
-    def measure(self, *, op: str, backend: str, dtype, shape, mode: str, variant: dict,
-                make: Callable[[], Callable[[], object]], nbytes: int, flops: int, notes: str | None = None) -> dict:
+    def measure(
+        self,
+        *,
+        op: str,
+        backend: str,
+        dtype,
+        shape,
+        mode: str,
+        variant: dict,
+        make: Callable[[], Callable[[], object]],
+        nbytes: int,
+        flops: int,
+        notes: str | None = None,
+    ) -> dict:
         """Time `make()()`: make builds the inputs (untimed) and returns the call to time."""
         rec = self._base(op, backend, dtype, shape, mode, variant)
         rec.update(bytes=int(nbytes), flops=int(flops))
@@ -409,9 +450,17 @@ class Suite:
                 cold = time.perf_counter() - t0  # the profiled memory call was the first
             times, _ = time_calls(fn, self.device, 0, self.repeats, self._flush)
             med = statistics.median(times)
-            rec.update(status="ok", times_s=times, median_s=med, min_s=min(times), first_call_s=cold,
-                       warmup=warmup, repeats=self.repeats,
-                       gbps=nbytes / med / 1e9, tflops=flops / med / 1e12)
+            rec.update(
+                status="ok",
+                times_s=times,
+                median_s=med,
+                min_s=min(times),
+                first_call_s=cold,
+                warmup=warmup,
+                repeats=self.repeats,
+                gbps=nbytes / med / 1e9,
+                tflops=flops / med / 1e12,
+            )
             if "peak_extra_bytes_rss" in rec and rec["peak_extra_bytes"] >= MEMORY_CHECK_MIN_BYTES:
                 rel = abs(rec["peak_extra_bytes_rss"] - rec["peak_extra_bytes"]) / rec["peak_extra_bytes"]
                 rec["memory_methods_disagree"] = rel > MEMORY_DISAGREEMENT
@@ -484,10 +533,13 @@ class Suite:
             "smoke": self.smoke,
             "quick": self.quick,
             "machine": self.machine,
-            "settings": {"warmup": self.warmup, "repeats": self.repeats,
-                         "timer": "CUDA events, L2 flushed between calls" if self.device.type == "cuda"
-                         else "time.perf_counter", "statistic": "median",
-                         "elapsed_s": round(time.monotonic() - self.started, 1)},
+            "settings": {
+                "warmup": self.warmup,
+                "repeats": self.repeats,
+                "timer": "CUDA events, L2 flushed between calls" if self.device.type == "cuda" else "time.perf_counter",
+                "statistic": "median",
+                "elapsed_s": round(time.monotonic() - self.started, 1),
+            },
             "memory": __doc__.split("Peak extra memory", 1)[1].split('"""')[0].strip(),
             "notes": self.notes,
             "goals": goal_rows,
@@ -533,33 +585,47 @@ def summary_text(doc: dict) -> str:
     ]
     lines += [f"note: {n}" for n in doc["notes"]]
     gpu = m["kind"] == "gpu"
-    hdr = (f"{'op':<15}{'variant':<18}{'dtype':<9}{'shape':<18}{'mode':<8}{'backend':<14}{'median':>10}"
-           f"{'GB/s':>9}{'TFLOP/s':>9}{'vs torch':>9}{'vs comp':>8}{'mem':>9}{'mem/torch':>10}"
-           + (f"{'%copy':>7}" if gpu else f"{'mem(rss)':>10}"))
+    hdr = (
+        f"{'op':<15}{'variant':<18}{'dtype':<9}{'shape':<18}{'mode':<8}{'backend':<14}{'median':>10}"
+        f"{'GB/s':>9}{'TFLOP/s':>9}{'vs torch':>9}{'vs comp':>8}{'mem':>9}{'mem/torch':>10}"
+        + (f"{'%copy':>7}" if gpu else f"{'mem(rss)':>10}")
+    )
     lines += ["", hdr, "-" * len(hdr)]
     for r in doc["records"]:
         variant = ",".join(f"{k}={v}" for k, v in r["variant"].items() if k != "tau")
-        head = (f"{r['op']:<15}{variant:<18}{r['dtype']:<9}{'x'.join(map(str, r['shape'])):<18}{r['mode']:<8}"
-                f"{r['backend']:<14}")
+        head = (
+            f"{r['op']:<15}{variant:<18}{r['dtype']:<9}{'x'.join(map(str, r['shape'])):<18}{r['mode']:<8}"
+            f"{r['backend']:<14}"
+        )
         if r.get("status") != "ok":
             lines.append(head + f"  {r.get('status', '?').upper()}: {r.get('reason', '')[:90]}")
             continue
         med = r["median_s"]
         t = f"{med * 1e3:.3f}ms" if med < 10 else f"{med:.2f}s"
-        tail = (f"{_fmt(r.get('fraction_of_copy'), '.0%'):>7}" if gpu
-                else f"{_fmt_bytes(r.get('peak_extra_bytes_rss')):>10}")
-        lines.append(head + f"{t:>10}{r['gbps']:>9.1f}{r['tflops']:>9.3g}"
-                     f"{_fmt(r.get('speedup_vs_torch'), '.2f', 'x'):>9}"
-                     f"{_fmt(r.get('speedup_vs_compile'), '.2f', 'x'):>8}{_fmt_bytes(r.get('peak_extra_bytes')):>9}"
-                     f"{_fmt(r.get('memory_vs_torch'), '.2f', 'x'):>10}" + tail)
+        tail = (
+            f"{_fmt(r.get('fraction_of_copy'), '.0%'):>7}"
+            if gpu
+            else f"{_fmt_bytes(r.get('peak_extra_bytes_rss')):>10}"
+        )
+        lines.append(
+            head + f"{t:>10}{r['gbps']:>9.1f}{r['tflops']:>9.3g}"
+            f"{_fmt(r.get('speedup_vs_torch'), '.2f', 'x'):>9}"
+            f"{_fmt(r.get('speedup_vs_compile'), '.2f', 'x'):>8}{_fmt_bytes(r.get('peak_extra_bytes')):>9}"
+            f"{_fmt(r.get('memory_vs_torch'), '.2f', 'x'):>10}" + tail
+        )
     if doc["goals"]:
         lines += ["", "goals:"]
         for g in doc["goals"]:
-            lines.append(f"  {g['status']:<5} {g['goal']}: measured {g['measured']} (target {g['target']})"
-                         + (f" [{g['detail']}]" if g.get("detail") else ""))
+            lines.append(
+                f"  {g['status']:<5} {g['goal']}: measured {g['measured']} (target {g['target']})"
+                + (f" [{g['detail']}]" if g.get("detail") else "")
+            )
     counts = {}
     for r in doc["records"]:
         counts[r.get("status")] = counts.get(r.get("status"), 0) + 1
-    lines += ["", "records: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=str)),
-              f"elapsed: {doc['settings']['elapsed_s']} s"]
+    lines += [
+        "",
+        "records: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=str)),
+        f"elapsed: {doc['settings']['elapsed_s']} s",
+    ]
     return "\n".join(lines) + "\n"

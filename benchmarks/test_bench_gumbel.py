@@ -16,8 +16,9 @@ import pytest
 from . import gumbel, harness
 
 SETTINGS = gumbel.settings_from_env()
-CASES = gumbel.cases(SETTINGS["device"], smoke=SETTINGS["smoke"], quick=SETTINGS["quick"],
-                     cpu_batch=SETTINGS["cpu_batch"])
+CASES = gumbel.cases(
+    SETTINGS["device"], smoke=SETTINGS["smoke"], quick=SETTINGS["quick"], cpu_batch=SETTINGS["cpu_batch"]
+)
 
 
 @pytest.fixture(scope="module")

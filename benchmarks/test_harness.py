@@ -57,8 +57,17 @@ def test_suite_ratios_and_file(tmp_path):
 
 def test_time_budget_records_skips(tmp_path):
     s = harness.Suite("demo", "cpu", smoke=True, out_dir=tmp_path, time_budget_s=-1)
-    r = s.measure(op="demo", backend="torch", dtype=torch.float32, shape=(1,), mode="fwd", variant={},
-                  make=lambda: (lambda: None), nbytes=1, flops=1)
+    r = s.measure(
+        op="demo",
+        backend="torch",
+        dtype=torch.float32,
+        shape=(1,),
+        mode="fwd",
+        variant={},
+        make=lambda: lambda: None,
+        nbytes=1,
+        flops=1,
+    )
     assert r["status"] == "skipped" and r["reason"] == "time budget spent"
 
 
@@ -71,9 +80,20 @@ def test_gumbel_minimum_bytes():
 
 
 def test_gumbel_goal_rows():
-    recs = [{"status": "ok", "op": "gumbel_softmax", "backend": "cpp", "mode": "fwd+bwd", "dtype": "float32",
-             "shape": [2, 3], "variant": {"hard": False}, "speedup_vs_torch": 4.0, "speedup_vs_compile": 1.2,
-             "memory_vs_torch": 0.4}]
+    recs = [
+        {
+            "status": "ok",
+            "op": "gumbel_softmax",
+            "backend": "cpp",
+            "mode": "fwd+bwd",
+            "dtype": "float32",
+            "shape": [2, 3],
+            "variant": {"hard": False},
+            "speedup_vs_torch": 4.0,
+            "speedup_vs_compile": 1.2,
+            "memory_vs_torch": 0.4,
+        }
+    ]
     rows = {r["goal"]: r for r in gumbel.goals(recs, "cpu")}
     assert rows["cpp fwd+bwd speed-up vs torch eager"]["status"] == "PASS"
     assert rows["cpp fwd+bwd speed-up vs torch.compile"]["status"] == "MISS"

@@ -18,8 +18,15 @@ def gumbel(device: torch.device) -> list[str]:
     from dalle_fast import ops
 
     failures = []
-    cases = [((3, 7, 5), 1), ((4, 33), -1), ((2, 6, 4, 4), 1), ((5, 1), -1), ((0, 8), -1), ((2, 4100), -1),
-             ((1, 3, 1030), 1)]
+    cases = [
+        ((3, 7, 5), 1),
+        ((4, 33), -1),
+        ((2, 6, 4, 4), 1),
+        ((5, 1), -1),
+        ((0, 8), -1),
+        ((2, 4100), -1),
+        ((1, 3, 1030), 1),
+    ]
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     for backend in [b for b in ops.available_backends("gumbel_softmax", device) if b in ("cuda", "triton")]:
         for shape, dim in cases:
@@ -31,8 +38,11 @@ def gumbel(device: torch.device) -> list[str]:
                         for hard in (False, True):
                             xr = x.clone().requires_grad_(True)
                             y = ops.gumbel_softmax(xr, 0.7, hard, dim, seed=1234, offset=offset, backend=backend)
-                            g = torch.randn(tuple(reversed(shape)), device=device).t() if len(shape) == 2 \
+                            g = (
+                                torch.randn(tuple(reversed(shape)), device=device).t()
+                                if len(shape) == 2
                                 else torch.randn(shape, device=device)
+                            )
                             y.backward(g.to(dtype))
                             ok = bool(torch.isfinite(y.float()).all() and torch.isfinite(xr.grad.float()).all())
                             if not ok:
@@ -41,8 +51,9 @@ def gumbel(device: torch.device) -> list[str]:
                         ops.gumbel_softmax(xt, 1.0, False, 0, seed=7, offset=offset, backend=backend)
                         if x.shape[dim] > 0:
                             ops.gumbel_argmax(x, dim, seed=99, offset=offset, backend=backend)
-                        n = ops.gumbel_noise(list(shape), seed=5, offset=offset, device=device, dtype=dtype,
-                                             backend=backend)
+                        n = ops.gumbel_noise(
+                            list(shape), seed=5, offset=offset, device=device, dtype=dtype, backend=backend
+                        )
                         if not bool(torch.isfinite(n.float()).all()):
                             failures.append(f"gumbel_noise {tag}: non-finite values")
                         torch.cuda.synchronize(device)
