@@ -14,7 +14,9 @@ import dalle_fast
 from dalle_fast import ops, reference
 from dalle_fast.ops.gumbel import registered_ops
 
-VECTORS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "philox.json"
+# A copy of ../shared/vectors travels with the repository (the GPU machine gets the repository alone).
+VECTORS = pathlib.Path(__file__).resolve().parent / "vectors" / "philox.json"
+SHARED_VECTORS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "philox.json"
 SEEDS = [0, 2**63 + 5]  # a 32-bit key and one whose high word has the top bit set
 GUMBEL_MIN, GUMBEL_MAX = -math.log(-math.log(2.0**-32)), -math.log(2.0**-24)
 
@@ -57,6 +59,11 @@ def _vectors():
 
 
 # The random stream ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not SHARED_VECTORS.exists(), reason="no ../shared beside this checkout")
+def test_vector_copy_is_current():
+    assert VECTORS.read_bytes() == SHARED_VECTORS.read_bytes()
 
 
 def test_reference_philox_matches_vectors():
@@ -255,11 +262,12 @@ def test_softmax_deterministic(device, backend):
 
 
 def test_backends_agree_with_each_other():
-    """Same seed and offset, same sample on every backend, to float rounding."""
+    """Same seed and offset, same sample on every backend and device, to float rounding."""
     x = _logits((2, 8192, 2, 2), torch.float32, "cpu")
-    results = {b: ops.gumbel_softmax(x, 1.0, False, 1, seed=77, offset=2, backend=b) for d, b in DEVICE_BACKENDS}
-    for b, y in results.items():
-        assert_close(y.cpu(), results["eager"].cpu(), torch.float32), b
+    expected = ops.gumbel_softmax(x, 1.0, False, 1, seed=77, offset=2, backend="eager")
+    for d, b in DEVICE_BACKENDS:
+        y = ops.gumbel_softmax(x.to(d), 1.0, False, 1, seed=77, offset=2, backend=b)
+        assert_close(y, expected, torch.float32)
 
 
 # Saved tensors -------------------------------------------------------------------------------------------
@@ -466,7 +474,8 @@ def test_dispatch_precedence(monkeypatch):
 
 
 def test_automatic_choice_and_available_backends():
-    assert ops.available_backends("gumbel_softmax", "cpu")[:2] == ["triton", "cpp"]  # triton: interpreter
+    interpreter = ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+    assert ops.available_backends("gumbel_softmax", "cpu") == interpreter + ["cpp", "eager"]
     assert "eager" in ops.available_backends("gumbel_argmax", "cpu")
     with pytest.raises(ValueError, match="op_name"):
         ops.available_backends("softmax", "cpu")
