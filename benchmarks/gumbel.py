@@ -258,6 +258,23 @@ def _goal(name, values, target, better: str, fmt: str) -> dict:
     }
 
 
+# The goals per machine kind: (mode, record key, what, target, better, format).
+GOALS = {
+    "cpu": [
+        ("fwd+bwd", "speedup_vs_torch", "speed-up vs torch eager", ">= 3x", "high", ".2f"),
+        ("fwd+bwd", "speedup_vs_compile", "speed-up vs torch.compile", ">= 1.5x", "high", ".2f"),
+        ("fwd+bwd", "memory_vs_torch", "peak extra memory / torch eager's", "<= 0.5x", "low", ".2f"),
+    ],
+    "gpu": [
+        ("fwd", "fraction_of_copy", "fraction of copy bandwidth", ">= 85%", "high", ".1%"),
+        ("fwd", "speedup_vs_torch", "speed-up vs torch eager", ">= 5x", "high", ".2f"),
+        ("bwd", "fraction_of_copy", "fraction of copy bandwidth", ">= 70%", "high", ".1%"),
+        ("fwd+bwd", "speedup_vs_torch", "speed-up vs torch eager", ">= 3x", "high", ".2f"),
+        ("fwd+bwd", "speedup_vs_compile", "speed-up vs torch.compile", ">= 1.3x", "high", ".2f"),
+    ],
+}
+
+
 def goals(records: list[dict], kind: str) -> list[dict]:
     def pick(backend, mode, key):
         out = []
@@ -274,68 +291,9 @@ def goals(records: list[dict], kind: str) -> list[dict]:
         return out
 
     rows = []
-    if kind == "cpu":
-        for b in CPU_BACKENDS:
-            rows.append(
-                _goal(
-                    f"{b} fwd+bwd speed-up vs torch eager",
-                    pick(b, "fwd+bwd", "speedup_vs_torch"),
-                    ">= 3x",
-                    "high",
-                    ".2f",
-                )
-            )
-            rows.append(
-                _goal(
-                    f"{b} fwd+bwd speed-up vs torch.compile",
-                    pick(b, "fwd+bwd", "speedup_vs_compile"),
-                    ">= 1.5x",
-                    "high",
-                    ".2f",
-                )
-            )
-            rows.append(
-                _goal(
-                    f"{b} fwd+bwd peak extra memory / torch eager's",
-                    pick(b, "fwd+bwd", "memory_vs_torch"),
-                    "<= 0.5x",
-                    "low",
-                    ".2f",
-                )
-            )
-    else:
-        for b in GPU_BACKENDS:
-            rows.append(
-                _goal(
-                    f"{b} fwd fraction of copy bandwidth", pick(b, "fwd", "fraction_of_copy"), ">= 85%", "high", ".1%"
-                )
-            )
-            rows.append(
-                _goal(f"{b} fwd speed-up vs torch eager", pick(b, "fwd", "speedup_vs_torch"), ">= 5x", "high", ".2f")
-            )
-            rows.append(
-                _goal(
-                    f"{b} bwd fraction of copy bandwidth", pick(b, "bwd", "fraction_of_copy"), ">= 70%", "high", ".1%"
-                )
-            )
-            rows.append(
-                _goal(
-                    f"{b} fwd+bwd speed-up vs torch eager",
-                    pick(b, "fwd+bwd", "speedup_vs_torch"),
-                    ">= 3x",
-                    "high",
-                    ".2f",
-                )
-            )
-            rows.append(
-                _goal(
-                    f"{b} fwd+bwd speed-up vs torch.compile",
-                    pick(b, "fwd+bwd", "speedup_vs_compile"),
-                    ">= 1.3x",
-                    "high",
-                    ".2f",
-                )
-            )
+    for b in CPU_BACKENDS if kind == "cpu" else GPU_BACKENDS:
+        for mode, key, what, target, better, fmt in GOALS[kind]:
+            rows.append(_goal(f"{b} {mode} {what}", pick(b, mode, key), target, better, fmt))
     return rows
 
 
