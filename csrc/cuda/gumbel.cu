@@ -22,8 +22,8 @@
 //     y = e * exp(m_thread - M) / S from smem. Logits are read once and Philox runs once per quad.
 //     A thread only reads back its own quads, so the cache needs no barrier. Rows too long for the
 //     cache use two passes over global memory with the noise recomputed (online merge per element).
-//   - backward: the same with z and dy cached (2 floats per element, rows up to 48K... see
-//     kRowCacheBytes), s and t = sum dy * e reduced together, dx = (1/tau) * y * (dy - T/S).
+//   - backward: the same with z and dy cached (2 floats per element: rows up to K ~ 12288 in the
+//     96 KiB of kRowCacheBytes; the forward's 1 float per element reaches K ~ 24576), s and t = sum dy * e reduced together, dx = (1/tau) * y * (dy - T/S).
 //   - hard forward / argmax: one read pass with a running argmax (x + g, torch.argmax order), a block
 //     reduction, then the one-hot is written directly (no scores needed) or the index is stored.
 //   Expected bandwidth: the minimum bytes (logits read once, output written once, dy read once) move
@@ -739,10 +739,15 @@ RowConfig row_config(int64_t K, int64_t offset, int floats_per_elem) {
   return RowConfig{threads, cached, cached ? nq_max : 0, cached ? static_cast<size_t>(bytes) : 0};
 }
 
+// Opts the kernel in to the whole row cache whenever it uses dynamic smem at all: the 48 KiB default
+// covers static plus dynamic smem (the row kernels have ~384 B static), so opting in only above 48 KiB
+// of dynamic smem fails launches just under it; and one constant value, never a per-call size, so that
+// concurrent host threads cannot lower each other's limit.
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (bytes > 0)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kRowCacheBytes)));
 }
 
 struct ColConfig {
