@@ -80,9 +80,9 @@ def _jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
 
     dtypes = ["fp32"] if quick else list(_DTYPES)
     # Noise: one config per alignment and output dtype.
-    bm, bn, _, nw, _ = launch._noise_config(1 << 20, 0)
     for dt in dtypes:
         for aligned in (True, False):
+            bm, bn, _, nw, _ = launch._noise_config(1 << 20, 0 if aligned else 1)
             sig = {"out_ptr": _DTYPES[dt], "numel": "i64", "seed": "i64", "offset": "i64",
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "ALIGNED": "constexpr"}  # fmt: skip
             consts = {"BLOCK_M": bm, "BLOCK_N": bn, "ALIGNED": aligned}

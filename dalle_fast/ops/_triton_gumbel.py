@@ -120,13 +120,15 @@ def _warps(tile: int) -> int:
 def _reduction_config(outer: int, K: int, inner: int, offset: int, one_pass_max: int) -> ReductionConfig:
     """The fixed launch table of the fwd / bwd / argmax kernels for the view [outer, K, inner]."""
     if inner == 1:
+        aligned = offset % 4 == 0 and (K % 4 == 0 or outer == 1)
+        if not aligned:  # a Philox call per element keeps more values live: half the one-pass tile (sm_90 spills)
+            one_pass_max //= 2
         if K <= one_pass_max:
             block_n = max(4, _next_pow2(K))
             block_m = max(1, min(_next_pow2(outer), _TILE_ELEMS // block_n))  # several short rows a program
             one_pass = True
         else:
             block_n, block_m, one_pass = 4096, 1, False
-        aligned = offset % 4 == 0 and (K % 4 == 0 or outer == 1)
         grid = -(-outer // block_m)
         return ReductionConfig(False, one_pass, aligned, block_m, block_n, _warps(block_m * block_n), grid)
     block_n = max(4, min(64, _next_pow2(inner)))
@@ -145,7 +147,8 @@ def _noise_config(numel: int, offset: int) -> tuple[int, int, bool, int, int]:
     block_n = 1024
     block_m = 4
     grid = -(-numel // (block_m * block_n))
-    return block_m, block_n, offset % 4 == 0, 4, grid
+    aligned = offset % 4 == 0
+    return block_m, block_n, aligned, 4 if aligned else 8, grid  # unaligned: a Philox call per element
 
 
 def _view3(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int, int, int]:
