@@ -91,7 +91,7 @@ def _jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
     for outer, K, inner in shapes:
         for kernel, one_pass_max, hards in (
             ("_gumbel_softmax_fwd_kernel", launch.ONE_PASS_MAX_FWD, (False,)),
-            ("_gumbel_softmax_fwd_kernel", launch.ONE_PASS_MAX_ARGMAX, (True,)),
+            ("_gumbel_softmax_fwd_kernel", launch.ONE_PASS_MAX_HARD, (True,)),
             ("_gumbel_softmax_bwd_kernel", launch.ONE_PASS_MAX_BWD, (None,)),
             ("_gumbel_argmax_kernel", launch.ONE_PASS_MAX_ARGMAX, (None,)),
         ):

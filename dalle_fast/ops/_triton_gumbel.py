@@ -28,7 +28,8 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # sm_90 register budget (scripts/triton_aot_check.py): a soft forward or backward tile of 16384 spills.
 ONE_PASS_MAX_FWD = 8192
 ONE_PASS_MAX_BWD = 8192
-ONE_PASS_MAX_ARGMAX = 16384  # argmax and the hard forward keep fewer values live
+ONE_PASS_MAX_ARGMAX = 16384  # argmax keeps fewer values live
+ONE_PASS_MAX_HARD = 8192  # the hard forward at 16384 leaves 8 bytes on the stack with triton 3.9
 # Elements per tile of the column layout and of the small-K row layout.
 _TILE_ELEMS = 2048
 # Column layout: shrink the inner tile (down to 16 columns) until there are this many programs.
@@ -200,7 +201,7 @@ def softmax_fwd(logits: torch.Tensor, tau: float, hard: bool, dim: int, seed: in
     if logits.numel() == 0:
         return out
     x, outer, K, inner = _view3(logits, dim)
-    cfg = _reduction_config(outer, K, inner, offset, ONE_PASS_MAX_ARGMAX if hard else ONE_PASS_MAX_FWD)
+    cfg = _reduction_config(outer, K, inner, offset, ONE_PASS_MAX_HARD if hard else ONE_PASS_MAX_FWD)
     _kernels()._gumbel_softmax_fwd_kernel[(cfg.grid,)](
         x, out,
         x.stride(0), x.stride(1), x.stride(2),
