@@ -607,16 +607,6 @@ void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
               t.device());
 }
 
-// The [outer, K, inner] view of x, contiguous (copied only when the layout is not).
-at::Tensor contiguous_view(const at::Tensor& x, int64_t dim, int64_t* outer, int64_t* K, int64_t* inner) {
-  ReductionView v = reduction_view(x, dim);
-  *outer = v.outer;
-  *K = v.K;
-  *inner = v.inner;
-  // The kernels address element (o, k, i) at (o * K + k) * inner + i: other layouts are copied.
-  return v.t.is_contiguous() ? v.t : v.t.contiguous();
-}
-
 Problem make_problem(int64_t seed, int64_t offset, int64_t outer, int64_t K, int64_t inner, double tau) {
   return Problem{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), outer, K, inner,
                  static_cast<float>(1.0 / tau)};
@@ -677,12 +667,11 @@ at::Tensor gumbel_softmax_fwd_cpu(const at::Tensor& logits, double tau, bool har
   check_offset(offset, logits.numel(), op);
   at::Tensor out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (logits.numel() == 0) return out;
-  int64_t outer, K, inner;
-  const at::Tensor x = contiguous_view(logits, dim, &outer, &K, &inner);
-  const Problem p = make_problem(seed, offset, outer, K, inner, tau);
+  const ReductionView x = reduction_view(logits, dim);
+  const Problem p = make_problem(seed, offset, x.outer, x.K, x.inner, tau);
   dispatch_float(logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    run<T, T>(hard ? Mode::kHard : Mode::kSoft, p, x.data_ptr<T>(), nullptr, out.data_ptr<T>(), nullptr);
+    run<T, T>(hard ? Mode::kHard : Mode::kSoft, p, x.t.data_ptr<T>(), nullptr, out.data_ptr<T>(), nullptr);
   });
   return out;
 }
@@ -702,15 +691,13 @@ at::Tensor gumbel_softmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& logi
   check_offset(offset, logits.numel(), op);
   at::Tensor out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (logits.numel() == 0) return out;
-  int64_t outer, K, inner;
-  const at::Tensor x = contiguous_view(logits, dim, &outer, &K, &inner);
-  const at::Tensor dy = contiguous_view(grad, dim, &outer, &K, &inner);
-  const Problem p = make_problem(seed, offset, outer, K, inner, tau);
+  const ReductionView x = reduction_view(logits, dim), dy = reduction_view(grad, dim);
+  const Problem p = make_problem(seed, offset, x.outer, x.K, x.inner, tau);
   dispatch_float(logits.scalar_type(), [&](auto xtag) {
     using T = decltype(xtag);
     dispatch_float(grad.scalar_type(), [&](auto gtag) {
       using G = decltype(gtag);
-      run<T, G>(Mode::kBackward, p, x.data_ptr<T>(), dy.data_ptr<G>(), out.data_ptr<T>(), nullptr);
+      run<T, G>(Mode::kBackward, p, x.t.data_ptr<T>(), dy.t.data_ptr<G>(), out.data_ptr<T>(), nullptr);
     });
   });
   return out;
@@ -722,19 +709,13 @@ at::Tensor gumbel_argmax_cpu(const at::Tensor& logits, int64_t dim, int64_t seed
   check_cpu(logits, op, "logits");
   check_logits(logits, dim, op);
   check_offset(offset, logits.numel(), op);
-  std::vector<int64_t> out_shape;
-  for (int64_t d = 0; d < logits.dim(); ++d)
-    if (d != dim) out_shape.push_back(logits.size(d));
-  at::Tensor out = at::empty(out_shape, logits.options().dtype(at::kLong));
+  at::Tensor out = argmax_output(logits, dim, op);
   if (out.numel() == 0) return out;
-  TORCH_CHECK(logits.size(dim) > 0, op, ": logits: expected a non-empty dim ", dim, " (argmax of nothing), got shape ",
-              logits.sizes());
-  int64_t outer, K, inner;
-  const at::Tensor x = contiguous_view(logits, dim, &outer, &K, &inner);
-  const Problem p = make_problem(seed, offset, outer, K, inner, 1.0);
+  const ReductionView x = reduction_view(logits, dim);
+  const Problem p = make_problem(seed, offset, x.outer, x.K, x.inner, 1.0);
   dispatch_float(logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    run<T, T>(Mode::kArgmax, p, x.data_ptr<T>(), nullptr, nullptr, out.data_ptr<int64_t>());
+    run<T, T>(Mode::kArgmax, p, x.t.data_ptr<T>(), nullptr, nullptr, out.data_ptr<int64_t>());
   });
   return out;
 }

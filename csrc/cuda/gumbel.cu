@@ -765,17 +765,6 @@ ColConfig col_config(int64_t outer, int64_t K, int64_t inner) {
                    dim3(static_cast<unsigned>(std::min(tiles, kMaxGridX)), static_cast<unsigned>(std::min(outer, kMaxGridY)))};
 }
 
-struct Shape3 {
-  int64_t outer, K, inner;
-};
-
-Shape3 shape3(const at::Tensor& x, int64_t dim) {
-  int64_t outer = 1, inner = 1;
-  for (int64_t d = 0; d < dim; ++d) outer *= x.size(d);
-  for (int64_t d = dim + 1; d < x.dim(); ++d) inner *= x.size(d);
-  return Shape3{outer, x.size(dim), inner};
-}
-
 // Dispatches on the logits dtype: float32, float16, bfloat16 only. check_dtype rejects the rest (fp64
 // included) with a clear message first; a plain AT_DISPATCH_FLOATING_TYPES_AND2 would also instantiate
 // every kernel for double, which has no Elem<> and no use here.
@@ -807,7 +796,7 @@ at::Tensor gumbel_noise_cuda(const at::Tensor& like, at::IntArrayRef shape, int6
 }
 
 // The argmax of (x + g) along dim: into `y` as a one-hot (hard forward) or into `idx` (gumbel_argmax).
-void launch_argmax(const at::Tensor& x, const Shape3& s, int64_t seed, int64_t offset, at::Tensor* y, at::Tensor* idx) {
+void launch_argmax(const at::Tensor& x, const ReductionView& s, int64_t seed, int64_t offset, at::Tensor* y, at::Tensor* idx) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool x_al = aligned_for_quads(x.data_ptr(), x.scalar_type());
   const bool y_al = y == nullptr || aligned_for_quads(y->data_ptr(), y->scalar_type());
@@ -855,7 +844,7 @@ at::Tensor gumbel_softmax_fwd_cuda(const at::Tensor& logits, double tau, bool ha
   const at::Tensor x = logits.contiguous();
   at::Tensor y = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.numel() == 0) return y;
-  const Shape3 s = shape3(x, dim);
+  const ReductionView s = reduction_view(x, dim);
   if (hard) {
     launch_argmax(x, s, seed, offset, &y, nullptr);
     return y;
@@ -886,7 +875,7 @@ at::Tensor gumbel_softmax_fwd_cuda(const at::Tensor& logits, double tau, bool ha
 }
 
 template <typename T, typename G>
-void launch_bwd(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx, const Shape3& s, int64_t seed, int64_t offset,
+void launch_bwd(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx, const ReductionView& s, int64_t seed, int64_t offset,
                 float inv_tau) {
   using RawT = RawOf<T>;
   using RawG = RawOf<G>;
@@ -933,7 +922,7 @@ at::Tensor gumbel_softmax_bwd_cuda(const at::Tensor& grad, const at::Tensor& log
   const at::Tensor dy = grad.scalar_type() == x.scalar_type() ? grad.contiguous() : grad.to(at::kFloat).contiguous();
   at::Tensor dx = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.numel() == 0) return dx;
-  const Shape3 s = shape3(x, dim);
+  const ReductionView s = reduction_view(x, dim);
   const float inv_tau = static_cast<float>(1.0 / tau);
   DF_DISPATCH(x.scalar_type(), op, [&] {
     if (dy.scalar_type() == x.scalar_type()) {
@@ -956,15 +945,10 @@ at::Tensor gumbel_argmax_cuda(const at::Tensor& logits, int64_t dim, int64_t see
   check_dtype(logits, op, "logits");
   check_offset(offset, logits.numel(), op);
   c10::cuda::CUDAGuard guard(logits.device());
-  std::vector<int64_t> out_shape;
-  for (int64_t d = 0; d < logits.dim(); ++d)
-    if (d != dim) out_shape.push_back(logits.size(d));
-  at::Tensor idx = at::empty(out_shape, logits.options().dtype(at::kLong).memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor idx = argmax_output(logits, dim, op);
   if (idx.numel() == 0) return idx;
-  TORCH_CHECK(logits.size(dim) > 0, op, ": logits: expected a non-empty dim ", dim,
-              " (argmax of an empty reduction has no value), got shape ", logits.sizes());
   const at::Tensor x = logits.contiguous();
-  const Shape3 s = shape3(x, dim);
+  const ReductionView s = reduction_view(x, dim);
   launch_argmax(x, s, seed, offset, nullptr, &idx);
   return idx;
 }

@@ -74,14 +74,19 @@ _fakes = {
     "gumbel_argmax": _argmax_fake,
 }
 
-if _extension.load() is not None:  # otherwise the schemas do not exist; the dispatcher reports load_error
-    for _name, _fake in _fakes.items():
-        torch.library.register_fake(f"dalle_fast::{_name}")(_fake)
+
+def _register_fakes_and_autograd(prefix: str) -> None:
+    """Fakes for dalle_fast::<prefix><op>, and the forward's autograd through its backward op."""
+    for name, fake in _fakes.items():
+        torch.library.register_fake(f"dalle_fast::{prefix}{name}")(fake)
+    bwd = getattr(torch.ops.dalle_fast, f"{prefix}gumbel_softmax_bwd")
     torch.library.register_autograd(
-        "dalle_fast::gumbel_softmax_fwd",
-        _make_backward(lambda *a: torch.ops.dalle_fast.gumbel_softmax_bwd(*a)),
-        setup_context=_setup_context,
+        f"dalle_fast::{prefix}gumbel_softmax_fwd", _make_backward(bwd), setup_context=_setup_context
     )
+
+
+if _extension.load() is not None:  # otherwise the schemas do not exist; the dispatcher reports load_error
+    _register_fakes_and_autograd("")
 
 
 # The Triton ops: launchers in _triton_gumbel, imported on first use (no triton import at package import) --
@@ -115,13 +120,7 @@ def _triton_argmax(logits: torch.Tensor, dim: int, seed: int, offset: int) -> to
     return _launchers().argmax(logits, dim, seed, offset)
 
 
-for _name, _fake in _fakes.items():
-    torch.library.register_fake(f"dalle_fast::triton_{_name}")(_fake)
-torch.library.register_autograd(
-    "dalle_fast::triton_gumbel_softmax_fwd",
-    _make_backward(lambda *a: torch.ops.dalle_fast.triton_gumbel_softmax_bwd(*a)),
-    setup_context=_setup_context,
-)
+_register_fakes_and_autograd("triton_")
 
 
 def registered_ops(backend: str) -> dict[str, object]:

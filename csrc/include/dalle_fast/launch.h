@@ -5,14 +5,15 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace dalle_fast {
 
-// A tensor seen as [outer, K, inner] around its reduction dim, as a view whenever strides allow
-// (reshape copies only the layouts that cannot be viewed). Element (o, k, i) has logical row-major
-// index (o * K + k) * inner + i, which is what the random stream counts.
+// A tensor seen as a contiguous [outer, K, inner] around its reduction dim (copied only when its layout
+// is not contiguous). The kernels address element (o, k, i) at (o * K + k) * inner + i, which is also
+// its logical row-major index: what the random stream counts.
 struct ReductionView {
-  at::Tensor t;  // 3-D
+  at::Tensor t;  // 3-D, contiguous
   int64_t outer, K, inner;
 };
 
@@ -21,7 +22,19 @@ inline ReductionView reduction_view(const at::Tensor& x, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) outer *= x.size(d);
   for (int64_t d = dim + 1; d < x.dim(); ++d) inner *= x.size(d);
   const int64_t K = x.size(dim);
-  return ReductionView{x.reshape({outer, K, inner}), outer, K, inner};
+  return ReductionView{x.reshape({outer, K, inner}).contiguous(), outer, K, inner};
+}
+
+// The int64 output of gumbel_argmax: logits' shape without dim, contiguous. A non-empty output needs a
+// non-empty dim (torch.argmax raises there too).
+inline at::Tensor argmax_output(const at::Tensor& logits, int64_t dim, const char* op) {
+  std::vector<int64_t> shape;
+  for (int64_t d = 0; d < logits.dim(); ++d)
+    if (d != dim) shape.push_back(logits.size(d));
+  at::Tensor out = at::empty(shape, logits.options().dtype(at::kLong).memory_format(at::MemoryFormat::Contiguous));
+  TORCH_CHECK(out.numel() == 0 || logits.size(dim) > 0, op, ": logits: expected a non-empty dim ", dim,
+              " (argmax of nothing), got shape ", logits.sizes());
+  return out;
 }
 
 inline void check_logits(const at::Tensor& logits, int64_t dim, const char* op) {
