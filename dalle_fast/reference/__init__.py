@@ -1,6 +1,15 @@
 """Eager PyTorch oracles: fp32 math, no imports from the rest of dalle_fast."""
 
 from .gumbel import gumbel_argmax, gumbel_softmax
+from .masks import dense_mask, sparse_attention
 from .philox import gumbel_noise, philox_uint32, uniform_from_uint32
 
-__all__ = ["gumbel_argmax", "gumbel_noise", "gumbel_softmax", "philox_uint32", "uniform_from_uint32"]
+__all__ = [
+    "dense_mask",
+    "gumbel_argmax",
+    "gumbel_noise",
+    "gumbel_softmax",
+    "philox_uint32",
+    "sparse_attention",
+    "uniform_from_uint32",
+]
