@@ -176,8 +176,8 @@ def _csr(classes: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, tor
 @functools.lru_cache(maxsize=256)
 def _tile_layout(kind, text_len, grid_h, grid_w, kernel, conv_variant, seq_len, block_m, block_n, device):
     n_rows = processing_length(kind, text_len, grid_h, grid_w, seq_len)
-    base = dict(kind=kind, text_len=text_len, grid_h=grid_h, grid_w=grid_w, kernel=kernel,
-                conv_variant=conv_variant, seq_len=seq_len, block_m=block_m, block_n=block_n, n_rows=n_rows)  # fmt: skip
+    base = dict(kind=kind, text_len=text_len, grid_h=grid_h, grid_w=grid_w, kernel=kernel, n_rows=n_rows,
+                conv_variant=conv_variant, seq_len=seq_len, block_m=block_m, block_n=block_n)  # fmt: skip
     empty = torch.zeros(0, dtype=torch.int32)
     stub = TileLayout(**base, classes=empty, kv_indptr=empty, kv_index=empty, kv_partial=empty,
                       q_indptr=empty, q_index=empty, q_partial=empty)  # fmt: skip
