@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from dalle_fast import masks
+from dalle_fast import mask_picture, masks
 
 VECTORS = pathlib.Path(__file__).resolve().parent / "vectors" / "masks.json"
 SHARED_VECTORS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "masks.json"
@@ -189,9 +189,8 @@ def test_mask_functions_check_arguments():
 
 def test_render_png(tmp_path):
     out = tmp_path / "column.png"
-    assert (
-        masks.main(["--kind", "column", "--text-len", "8", "--grid", "6", "6", "--block", "8", "--out", str(out)]) == 0
-    )
+    argv = ["--kind", "column", "--text-len", "8", "--grid", "6", "6", "--block", "8", "--out", str(out)]
+    assert mask_picture.main(argv) == 0
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
