@@ -104,7 +104,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             key = (_compat_pickle.IMPORT_MAPPING[module], name)
         if key not in _ALLOWED:
             raise UnsafePickleError(
-                f"refusing to load global {module}.{name}: the dVAE loader accepts only the classes OpenAI's "
+                f"refusing to load global {key[0]}.{key[1]}: the dVAE loader accepts only the classes OpenAI's "
                 f"encoder.pkl / decoder.pkl reference (torch tensor rebuilders, dall_e and torch.nn module classes)"
             )
         return _ALLOWED[key]
