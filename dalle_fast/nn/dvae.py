@@ -4,7 +4,11 @@
 plain nn.Modules with the same parameter names (``blocks.group_1.block_1.res_path.conv_1.w`` ...), so an
 official state_dict loads with strict=True and gives the same outputs. Precision follows the official code:
 on CUDA every convolution runs in fp16 except the two 1x1 convolutions next to the 8192-way categorical
-(the encoder's output, the decoder's input), which stay fp32; on CPU everything is fp32.
+(the encoder's output, the decoder's input), which stay fp32; on CPU everything is fp32. (The official
+classes carry a `use_mixed_precision` attribute that their code never reads: each official Conv2d decides
+by its own use_float16 flag and its device. Here use_mixed_precision=True, the default, gives exactly that
+behaviour, and False keeps every convolution fp32 on CUDA too.) Unlike the official encoder, which floors
+odd sizes silently, ours refuses images whose height or width is not divisible by 8 (2**(group_count-1)).
 
 `DiscreteVAE` adds what training needs (paper App. A.2, A.3): pixels mapped into (eps, 1 - eps), the
 Gumbel-softmax relaxation fed to the decoder's codebook convolution, the logit-Laplace reconstruction NLL
