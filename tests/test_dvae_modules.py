@@ -183,6 +183,11 @@ def test_loader_refuses_code(tmp_path):
         dn.load_openai_module(path)
     assert not marker.exists()
 
+    # An allowed module class called (REDUCE) instead of rebuilt (NEWOBJ + BUILD): its stand-in refuses.
+    path.write_bytes(b"\x80\x02cdall_e.encoder\nEncoder\n)R.")
+    with pytest.raises(dn.UnsafePickleError, match="dall_e.encoder.Encoder: the checkpoint calls the module class"):
+        dn.load_openai_module(path)
+
     # An official module carrying a hook: the hook's function is not on the list.
     kw, n_init, _ = SETTINGS[0]
     off_enc, _ = _official_pair(kw, n_init)

@@ -5,7 +5,7 @@ era: the zip format; the older "legacy" format is read too). Plain torch.load wo
 execute whatever the pickle names. Here torch's own zip / legacy reader is driven with a restricted
 unpickler (`pickle_module=`, weights_only=False only for that unpickler): `find_class` answers only
 
-  * torch's tensor and parameter rebuild helpers and storage types, torch.device, collections.OrderedDict,
+  * torch's tensor and parameter rebuild helpers and typed storages, torch.device, collections.OrderedDict,
     builtins.set (module bookkeeping), and
   * the module classes the official files reference (dall_e.encoder.Encoder / EncoderBlock,
     dall_e.decoder.Decoder / DecoderBlock, dall_e.utils.Conv2d, and torch.nn Sequential, ReLU, Identity,
@@ -78,7 +78,6 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     allowed[("collections", "OrderedDict")] = OrderedDict
     allowed[("builtins", "set")] = set
     allowed[("torch", "device")] = torch.device
-    allowed[("torch", "UntypedStorage")] = torch.UntypedStorage
     for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter"):
         if hasattr(torch._utils, name):
             allowed[("torch._utils", name)] = getattr(torch._utils, name)
