@@ -28,10 +28,12 @@
 // Shared-memory tiles (leading dims padded so that wmma pointers stay 32-byte aligned and rows shift by
 // 16 bytes, avoiding bank conflicts): 16-bit [64][D + 8] operand tiles (Q, K, V, dO), fp32 [64][68] score
 // tiles (S, dP), 16-bit [64][72] probability tiles (P, dS), fp32 [64][D + 4] accumulator / staging tiles.
-// Every region starts at a multiple of 128 bytes. Sizes (bytes) per block, D = 32 / 64 / 128:
-//   forward      3 operand + S + P + O          51200 /  71680 / 112640
-//   dK/dV        4 operand + S + dP + P + dS     ...see kBwdKvSmem (+512 row stats) ~ 71 / 89 / 121 KiB
-//   dQ           4 operand + S + dP + dS         ~ 62 / 80 / 111 KiB
+// Every region starts at a multiple of 128 bytes. Dynamic smem per block (bytes), D = 32 / 64 / 128:
+//   forward   3 operand + S + P + O                         51200 /  71680 / 112640
+//   dK/dV     4 operand + S + dP + P + dS + lse, delta      74240 /  90624 / 123392
+//   dQ        4 operand + S + dP + dS + lse, delta          65024 /  81408 / 114176
+// With the registers ptxas reports (sm_90, no spills in the tile loops), an H200 SM (228 KiB smem, 64K
+// registers) holds 4 / 3 / 2 forward blocks, 3 / 2 / 1 dK/dV blocks and 3 / 2 / 1-2 dQ blocks.
 // All above the 48 KiB default: the kernels opt in with cudaFuncAttributeMaxDynamicSharedMemorySize set to
 // their exact (constant, per instantiation) size before every launch, checked against the device's limit.
 //
