@@ -18,3 +18,8 @@ __all__ = [
     "sparse_attention",
     "use_backend",
 ]
+
+# The transformer's loss head (issue 6).
+from .loss import linear_cross_entropy  # noqa: E402
+
+__all__ += ["linear_cross_entropy"]
