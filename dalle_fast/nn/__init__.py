@@ -28,3 +28,8 @@ __all__ += [
     "map_pixels",
     "unmap_pixels",
 ]
+
+# The DALL-E transformer (issue 6).
+from .dalle import DALLE, DALLEConfig, DALLELoss  # noqa: E402
+
+__all__ += ["DALLE", "DALLEConfig", "DALLELoss"]
