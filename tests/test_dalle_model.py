@@ -81,9 +81,9 @@ def dependence(model: DALLE) -> torch.Tensor:
     changed = torch.zeros(n, n, dtype=torch.bool)
     for q, o in enumerate(outs):
         diff = (o[1:] - o[:1]).abs().amax(dim=1)  # [n] over the perturbed token k
-        invisible_max = 1e-6 * o.abs().max()
-        assert bool(((diff <= invisible_max) | (diff > 1e-4)).all()), f"position {q}: ambiguous changes {diff}"
-        changed[q] = diff > 1e-4
+        # Unseen tokens change nothing (exactly 0 on CPU in fp32; 1e-6 relative leaves room for other BLAS);
+        # a seen one changes the outputs by far more, even several layers away (>= 1e-5 relative here).
+        changed[q] = diff > 1e-6 * o.abs().max()
     return changed
 
 
