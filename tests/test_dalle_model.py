@@ -353,6 +353,31 @@ def test_float64_compute_runs_in_float64():
     assert dtypes == [torch.float64] and out.loss.dtype == torch.float32 and math.isfinite(out.loss.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_resblocks_keep_fp32_stream_and_parameters(dtype):
+    c = small_config(n_layers=2)
+    ref = randomize_(DALLE(c, backend="eager"))
+    model = DALLE(c, compute_dtype=dtype, backend="eager")
+    model.load_state_dict(ref.state_dict())
+    text, image = random_tokens(c, 2)
+    seen = {}
+    hooks = [
+        model.blocks[0].register_forward_hook(lambda m, i, o: seen.update(stream=o.dtype)),
+        model.blocks[0].block.qkv.register_forward_hook(lambda m, i, o: seen.update(inside=o.dtype)),
+    ]
+    out = model(text, image)
+    for h in hooks:
+        h.remove()
+    assert seen == {"stream": torch.float32, "inside": dtype}
+    assert out.loss.dtype == torch.float32
+    want = ref(text, image)
+    assert abs(out.loss.item() - want.loss.item()) < 5e-2 * abs(want.loss.item())
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+        assert bool(torch.isfinite(p.grad).all()), name
+
+
 def test_model_bad_input():
     c = small_config()
     model = DALLE(c, backend="eager")
