@@ -129,6 +129,7 @@ def test_every_attention_call_uses_its_layer_kind(monkeypatch):
     real = ops.sparse_attention
 
     def spy(q, k, v, **kw):
+        assert q.shape == (1, c.n_heads, c.seq_len - 1, c.head_dim)  # the model reads T + H*W - 1 positions
         seen.append((kw["kind"], kw["text_len"], kw["grid_size"], kw["kernel"], kw["conv_variant"], kw["backend"]))
         return real(q, k, v, **kw)
 
