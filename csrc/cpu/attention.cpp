@@ -1,0 +1,779 @@
+// C++ CPU backend of the block-sparse DALL-E attention: sparse_attention_fwd and sparse_attention_bwd
+// (schemas in csrc/ops.cpp, semantics in DESIGN section 4 and csrc/include/dalle_fast/attention.h).
+//
+// Work. The tile layout (CSR arrays from dalle_fast.masks.tile_layout) lists, per query tile of the
+// processing order, the key tiles to visit and whether each needs the element mask. Consecutive visited
+// tiles (j, j+1, ...) are merged into one span of at most kSpanKeys keys, so that one GEMM covers them (the
+// text prefix of every query tile is such a run): the tiles of a span stay the unit of masking, the span
+// only that of the GEMM calls. Everything else is never touched: no [L, L] buffer exists, only per-thread
+// tile buffers ([block_m, span] scores, [span, D] operands).
+//   forward   per (batch, head, query tile): S = scale * Q K^T of a span, the element mask on its partial
+//             tiles, the online softmax (attention.h's -inf-safe helpers), acc += P V; out = acc / l and
+//             lse = m + log(l) at the end.
+//   backward  FlashAttention-2 in two passes without atomics (deterministic):
+//             delta[r] = sum_d dO[r, d] out[r, d] first (a [B, H, L] fp32 vector);
+//             dQ  per (batch, head, query tile), over key spans: P = exp(S - lse), dP = dO V^T,
+//                 dS = P (dP - delta), dQ += dS K;
+//             dK, dV  per (batch, head, key tile), over spans of the query tiles that visit it (q_* arrays):
+//                 P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+//             dQ and dK carry the softmax scale at the end.
+// Everything accumulates in fp32; fp16 and bf16 inputs are converted to fp32 when their rows are packed.
+//
+// Rows. Processing position p lives at raster row processing_row(p) of q, k, v, out (a column layer runs on
+// the column-major image order); rows at or past L are absent: never loaded (packed as zeros), never
+// stored, masked (the layout marks their tiles partial). A span whose rows are evenly spaced and present
+// is read in place when the tensor is fp32 (its row stride is the GEMM's leading dimension: the text
+// prefix, every span of the raster kinds, a column's image rows); other spans are packed.
+//
+// GEMMs. The tiles go through the BLAS sgemm that torch is linked with (MKL in the x86 wheels; what ATen's
+// own CPU flash attention uses through cpublas::gemm, which is not exported to extensions). When no
+// sgemm_ symbol can be found at load time, plain loops take over (correct, slow). Element-wise loops
+// (max, exp, sums) are written over lanes so that they vectorise, and compiled for AVX-512, AVX2 and
+// baseline x86-64 by target_clones, picked at load time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "dalle_fast/attention.h"
+#include "dalle_fast/math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DF_CLONES
+#endif
+
+namespace dalle_fast {
+namespace {
+
+constexpr int kSpanKeys = 256;  // most keys (or queries, in the dK/dV pass) merged into one GEMM
+constexpr int kMaxBlock = 1024;
+constexpr int kLanes = 16;
+constexpr int kChunk = 32;  // k per fma chain of gemm_nn
+
+// ------------------------------------------------------------------------------------------------
+// Tile GEMMs on fp32, row-major. Every element is one fused multiply-add chain over k in ascending order,
+// whatever the tile shapes and the code path (AVX-512 or the portable loops):
+//   gemm_nt  C[m, n] = alpha * chain_k(A[m, k] * Bt[k, n])   (A [M, K]; Bt = B^T packed [K, N])
+//   gemm_nn  C[m, n] += sum over chunks of kChunk consecutive k (ascending) of chain_k(A[m, k] * B[k, n])
+//            (A [M, K], B [K, N]; the chunks keep the error of long sums, e.g. dV of a text key summed over
+//            every query, near that of a blocked BLAS instead of growing with one chain of K terms)
+// so a score q.k is bitwise the same in the forward, the dQ pass and the dK/dV pass (fma is symmetric in
+// its factors), and dP = dO.v of a row whose softmax is one-hot equals its delta = dO.out (same chain):
+// the backward of such a row is exact, as eager PyTorch's is.
+
+// Bt[k, n] = B[n, k] for B [N, K] with leading dimension ldb.
+void pack_transposed(int N, int K, const float* B, int64_t ldb, float* Bt) {
+  constexpr int kBlock = 16;
+  for (int n0 = 0; n0 < N; n0 += kBlock)
+    for (int k0 = 0; k0 < K; k0 += kBlock)
+      for (int n = n0; n < std::min(N, n0 + kBlock); ++n)
+        for (int k = k0; k < std::min(K, k0 + kBlock); ++k) Bt[static_cast<int64_t>(k) * N + n] = B[n * ldb + k];
+}
+
+// Dot product in the chain order of the GEMMs.
+DF_CLONES float dot_chain(const float* a, const float* b, int K) {
+  float acc = 0.f;
+  for (int k = 0; k < K; ++k) acc = std::fma(a[k], b[k], acc);
+  return acc;
+}
+
+DF_CLONES void gemm_nt_loops(int M, int N, int K, float alpha, const float* A, int64_t lda, const float* Bt,
+                             float* C, int64_t ldc) {
+  for (int m = 0; m < M; ++m) {
+    float* c = C + m * ldc;
+    for (int n = 0; n < N; ++n) c[n] = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const float a = A[m * lda + k];
+      const float* b = Bt + static_cast<int64_t>(k) * N;
+      for (int n = 0; n < N; ++n) c[n] = std::fma(a, b[n], c[n]);
+    }
+    for (int n = 0; n < N; ++n) c[n] *= alpha;
+  }
+}
+
+DF_CLONES void gemm_nn_loops(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                             int64_t ldc, float* tmp) {
+  for (int m = 0; m < M; ++m) {
+    float* c = C + m * ldc;
+    for (int k0 = 0; k0 < K; k0 += kChunk) {
+      for (int n = 0; n < N; ++n) tmp[n] = 0.f;
+      for (int k = k0; k < std::min(K, k0 + kChunk); ++k) {
+        const float a = A[m * lda + k];
+        const float* b = B + k * ldb;
+        for (int n = 0; n < N; ++n) tmp[n] = std::fma(a, b[n], tmp[n]);
+      }
+      for (int n = 0; n < N; ++n) c[n] += tmp[n];
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DF_AVX512 __attribute__((target("avx512f")))
+
+DF_AVX512 inline __mmask16 lane_mask(int n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1u); }
+
+// MR rows x 32 columns (two vectors, masked) of C = alpha * A Bt.
+template <int MR>
+DF_AVX512 inline void nt_block(int K, float alpha, const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C,
+                               int64_t ldc, __mmask16 m0, __mmask16 m1) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, Bt + k * ldb);
+    const __m512 b1 = _mm512_maskz_loadu_ps(m1, Bt + k * ldb + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(C + r * ldc, m0, _mm512_mul_ps(acc[r][0], al));
+    _mm512_mask_storeu_ps(C + r * ldc + 16, m1, _mm512_mul_ps(acc[r][1], al));
+  }
+}
+
+DF_AVX512 void gemm_nt_avx512(int M, int N, int K, float alpha, const float* A, int64_t lda, const float* Bt, float* C,
+                              int64_t ldc) {
+  constexpr int MR = 8;
+  for (int n0 = 0; n0 < N; n0 += 32) {
+    const __mmask16 m0 = lane_mask(N - n0), m1 = N - n0 > 16 ? lane_mask(N - n0 - 16) : 0;
+    int m = 0;
+    for (; m + MR <= M; m += MR) nt_block<MR>(K, alpha, A + m * lda, lda, Bt + n0, N, C + m * ldc + n0, ldc, m0, m1);
+    for (; m < M; ++m) nt_block<1>(K, alpha, A + m * lda, lda, Bt + n0, N, C + m * ldc + n0, ldc, m0, m1);
+  }
+}
+
+// MR rows x NV vectors (the last one masked) of C += A B.
+template <int MR, int NV>
+DF_AVX512 inline void nn_block(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                               __mmask16 last) {
+  for (int k0 = 0; k0 < K; k0 += kChunk) {
+    __m512 acc[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    const int k1 = std::min(K, k0 + kChunk);
+    for (int k = k0; k < k1; ++k) {
+      __m512 b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xFFFF, B + k * ldb + 16 * v);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) {
+        const __mmask16 mk = v == NV - 1 ? last : 0xFFFF;
+        float* c = C + r * ldc + 16 * v;
+        _mm512_mask_storeu_ps(c, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, c), acc[r][v]));
+      }
+  }
+}
+
+template <int MR, int NV>
+DF_AVX512 void nn_rows(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                       __mmask16 last) {
+  int m = 0;
+  for (; m + MR <= M; m += MR) nn_block<MR, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, last);
+  for (; m < M; ++m) nn_block<1, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, last);
+}
+
+DF_AVX512 void gemm_nn_avx512(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                              int64_t ldc) {
+  for (int n0 = 0; n0 < N; n0 += 64) {
+    const int nv = std::min(4, (N - n0 + 15) / 16);
+    const __mmask16 last = lane_mask(N - n0 - 16 * (nv - 1));
+    const float* b = B + n0;
+    float* c = C + n0;
+    switch (nv) {
+      case 1:
+        nn_rows<8, 1>(M, K, A, lda, b, ldb, c, ldc, last);
+        break;
+      case 2:
+        nn_rows<8, 2>(M, K, A, lda, b, ldb, c, ldc, last);
+        break;
+      case 3:
+        nn_rows<5, 3>(M, K, A, lda, b, ldb, c, ldc, last);
+        break;
+      default:
+        nn_rows<4, 4>(M, K, A, lda, b, ldb, c, ldc, last);
+    }
+  }
+}
+
+bool have_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#else
+bool have_avx512() { return false; }
+#endif
+
+// C = alpha * A B^T, A [M, K], B [N, K]; bt: a [K, N] scratch buffer.
+void gemm_nt(int M, int N, int K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float* bt,
+             float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  pack_transposed(N, K, B, ldb, bt);
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (have_avx512()) return gemm_nt_avx512(M, N, K, alpha, A, lda, bt, C, ldc);
+#endif
+  gemm_nt_loops(M, N, K, alpha, A, lda, bt, C, ldc);
+}
+
+// C += A B, A [M, K], B [K, N].
+void gemm_nn(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (have_avx512()) return gemm_nn_avx512(M, N, K, A, lda, B, ldb, C, ldc);
+#endif
+  std::vector<float> tmp(N);
+  gemm_nn_loops(M, N, K, A, lda, B, ldb, C, ldc, tmp.data());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Element-wise loops over one row of scores (lanes so that the reductions vectorise; fixed order, so the
+// results are deterministic).
+
+DF_CLONES float row_max(const float* s, int n) {
+  float lane[kLanes];
+  for (int u = 0; u < kLanes; ++u) lane[u] = -INFINITY;
+  int c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int u = 0; u < kLanes; ++u) lane[u] = s[c + u] > lane[u] ? s[c + u] : lane[u];
+  for (; c < n; ++c) lane[0] = s[c] > lane[0] ? s[c] : lane[0];
+  float mx = lane[0];
+  for (int u = 1; u < kLanes; ++u) mx = lane[u] > mx ? lane[u] : mx;
+  return mx;
+}
+
+// s = exp(s - shift) in place; returns the sum.
+DF_CLONES float exp_shift_sum(float* s, int n, float shift) {
+  float lane[kLanes] = {};
+  int c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int u = 0; u < kLanes; ++u) {
+      const float e = exp_finite_or_zero(s[c + u] - shift);
+      s[c + u] = e;
+      lane[u] += e;
+    }
+  for (; c < n; ++c) {
+    const float e = exp_finite_or_zero(s[c] - shift);
+    s[c] = e;
+    lane[0] += e;
+  }
+  float sum = 0.f;
+  for (int u = 0; u < kLanes; ++u) sum += lane[u];
+  return sum;
+}
+
+DF_CLONES void scale_row(float* a, int n, float f) {
+  for (int c = 0; c < n; ++c) a[c] *= f;
+}
+
+// Backward, one query per row: p = exp(s - lse) in place, then p = p * (dp - delta).
+DF_CLONES void ds_row(float* s, const float* dp, int n, float lse, float delta) {
+  for (int c = 0; c < n; ++c) {
+    const float p = exp_finite_or_zero(s[c] - lse);
+    s[c] = p * (dp[c] - delta);
+  }
+}
+
+// Backward, one key per row (queries along the row): p = exp(s - lse[c]).
+DF_CLONES void p_cols(float* s, const float* lse, int n) {
+  for (int c = 0; c < n; ++c) s[c] = exp_finite_or_zero(s[c] - lse[c]);
+}
+
+// ds = p * (dp - delta[c]) in place of p.
+DF_CLONES void ds_cols(float* p, const float* dp, const float* delta, int n) {
+  for (int c = 0; c < n; ++c) p[c] = p[c] * (dp[c] - delta[c]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Loads and stores
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T from_f32(float v) {
+  return static_cast<T>(v);
+}
+
+// One [B, H, L, D] operand: element (b, h, r, d) at base + b * sb + h * sh + r * sl + d.
+template <typename T>
+struct Operand {
+  const T* base;
+  int64_t sb, sh, sl;
+  const T* slice(int64_t b, int64_t h) const { return base + b * sb + h * sh; }
+};
+
+template <typename T>
+Operand<T> operand(const at::Tensor& t) {
+  return Operand<T>{t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The rows of processing positions [p0, p0 + n) of one (batch, head) slice as an fp32 matrix [n, D] with
+// leading dimension *ld: the tensor itself when it is fp32 and the rows are evenly spaced and present,
+// otherwise packed into buf (absent rows zero).
+template <typename T>
+const float* load_rows(const T* slice, int64_t sl, const MaskSpec& m, const int* rows, int n, int D, float* buf,
+                       int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    bool even = n >= 1 && rows[0] < m.seq_len;
+    const int step = n >= 2 ? rows[1] - rows[0] : 1;
+    for (int t = 1; even && t < n; ++t) even = rows[t] == rows[0] + t * step && rows[t] < m.seq_len;
+    const int64_t stride = n >= 2 ? static_cast<int64_t>(step) * sl : D;
+    if (even && stride >= D && stride <= INT_MAX) {
+      *ld = stride;
+      return slice + rows[0] * sl;
+    }
+  }
+  for (int t = 0; t < n; ++t) {
+    float* dst = buf + static_cast<int64_t>(t) * D;
+    if (rows[t] < m.seq_len) {
+      const T* src = slice + rows[t] * sl;
+      for (int d = 0; d < D; ++d) dst[d] = to_f32(src[d]);
+    } else {
+      std::fill(dst, dst + D, 0.f);
+    }
+  }
+  *ld = D;
+  return buf;
+}
+
+// Output row r of (b, h) in a [B, L, H, D] tensor: dst[d] = f * acc[d].
+template <typename T>
+void store_row(T* out, int64_t b, int64_t h, int r, int64_t L, int64_t H, int D, const float* acc, float f) {
+  T* dst = out + ((b * L + r) * H + h) * D;
+  for (int d = 0; d < D; ++d) dst[d] = from_f32<T>(f * acc[d]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Problem description and checks
+
+struct Problem {
+  MaskSpec m;
+  int64_t B, H, L;
+  int D, n_rows, bm, bn, n_qt, n_kt;
+  float scale;
+};
+
+const char* dtype_error = "expected float16, bfloat16 or float32";
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  const std::pair<const char*, const at::Tensor*> all[] = {{"q", &q}, {"k", &k}, {"v", &v}};
+  for (const auto& [name, t] : all) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, ": expected a CPU tensor (the C++ CPU backend), got device ",
+                t->device());
+    const auto st = t->scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name, ": ", dtype_error,
+                ", got ", st);
+    TORCH_CHECK(t->dim() == 4, op, ": ", name, ": expected 4 dimensions [B, H, L, D], got shape ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, ": expected q's dtype ", q.scalar_type(),
+                ", got ", st);
+    TORCH_CHECK(t->sizes() == q.sizes(), op, ": ", name, ": expected the shape of q ", q.sizes(), ", got ",
+                t->sizes());
+  }
+  TORCH_CHECK(q.size(3) >= 1, op, ": q: expected a head size D >= 1, got shape ", q.sizes());
+}
+
+Problem make_problem(const at::Tensor& q, int64_t kind, int64_t text_len, int64_t grid_h, int64_t grid_w,
+                     int64_t kernel, bool torus, double scale, int64_t block_m, int64_t block_n, const char* op) {
+  TORCH_CHECK(kind >= kMaskFull && kind <= kMaskConv, op, ": kind: expected 0 (full), 1 (row), 2 (column) or 3 (conv), got ",
+              kind);
+  TORCH_CHECK(text_len >= 0, op, ": text_len: expected >= 0, got ", text_len);
+  TORCH_CHECK(grid_h >= 1 && grid_w >= 1, op, ": grid_h, grid_w: expected >= 1, got ", grid_h, " x ", grid_w);
+  TORCH_CHECK(kernel >= 1 && kernel % 2 == 1, op, ": kernel: expected an odd int >= 1, got ", kernel);
+  const int64_t full = text_len + grid_h * grid_w;
+  TORCH_CHECK(full <= INT_MAX / 2, op, ": text_len + grid_h * grid_w: expected below 2**30, got ", full);
+  const int64_t L = q.size(2);
+  TORCH_CHECK(L <= full, op, ": q: expected a sequence length L <= text_len + grid_h * grid_w = ", full,
+              " (dim 2 of [B, H, L, D]), got ", L);
+  TORCH_CHECK(block_m >= 1 && block_m <= kMaxBlock, op, ": block_m: expected 1 .. ", kMaxBlock, ", got ", block_m);
+  TORCH_CHECK(block_n >= 1 && block_n <= kMaxBlock, op, ": block_n: expected 1 .. ", kMaxBlock, ", got ", block_n);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale: expected a finite float, got ", scale);
+  Problem p;
+  p.m = MaskSpec{static_cast<int>(kind), static_cast<int>(text_len), static_cast<int>(grid_h),
+                 static_cast<int>(grid_w), static_cast<int>(kernel / 2), torus, static_cast<int>(L)};
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.L = L;
+  p.D = static_cast<int>(q.size(3));
+  p.n_rows = L == 0 ? 0 : processing_length(p.m);
+  p.bm = static_cast<int>(block_m);
+  p.bn = static_cast<int>(block_n);
+  p.n_qt = (p.n_rows + p.bm - 1) / p.bm;
+  p.n_kt = (p.n_rows + p.bn - 1) / p.bn;
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+// A CSR list (indptr [n_tiles + 1], index, partial) of tiles; returns it as int32 pointers.
+struct Csr {
+  const int32_t* indptr;
+  const int32_t* index;
+  const int32_t* partial;
+};
+
+Csr check_csr(const at::Tensor& indptr, const at::Tensor& index, const at::Tensor& partial, int64_t n_tiles,
+              int64_t n_other, const char* op, const char* names, const char* tiles) {
+  const std::pair<const char*, const at::Tensor*> all[] = {{"indptr", &indptr}, {"index", &index}, {"partial", &partial}};
+  for (const auto& [name, t] : all) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", names, name, ": expected a CPU tensor, got device ", t->device());
+    TORCH_CHECK(t->scalar_type() == at::kInt, op, ": ", names, name, ": expected int32, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 1 && t->is_contiguous(), op, ": ", names, name,
+                ": expected a contiguous 1-D tensor, got shape ", t->sizes());
+  }
+  TORCH_CHECK(indptr.numel() == n_tiles + 1, op, ": ", names, "indptr: expected ", n_tiles + 1,
+              " entries (ceil(n_rows / ", tiles, ") + 1 for this layout and tile size), got ", indptr.numel());
+  const int32_t* ip = indptr.data_ptr<int32_t>();
+  TORCH_CHECK(ip[0] == 0 && ip[n_tiles] == index.numel(), op, ": ", names, "indptr: expected to run from 0 to ",
+              names, "index's size ", index.numel(), ", got ", ip[0], " .. ", ip[n_tiles]);
+  TORCH_CHECK(partial.numel() == index.numel(), op, ": ", names, "partial: expected ", names, "index's size ",
+              index.numel(), ", got ", partial.numel());
+  const int32_t* ix = index.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n_tiles; ++i) {
+    TORCH_CHECK(ip[i] <= ip[i + 1], op, ": ", names, "indptr: expected non-decreasing values, got ", ip[i], " then ",
+                ip[i + 1], " at ", i);
+    for (int32_t e = ip[i]; e < ip[i + 1]; ++e)
+      TORCH_CHECK(ix[e] >= 0 && ix[e] < n_other && (e == ip[i] || ix[e] > ix[e - 1]), op, ": ", names,
+                  "index: expected ascending tile numbers in [0, ", n_other, ") per tile, got ", ix[e], " at ", e);
+  }
+  return Csr{ip, ix, partial.data_ptr<int32_t>()};
+}
+
+// A 4-D tensor with unit stride in its last dim (copied otherwise).
+at::Tensor unit_last(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+at::Tensor blhd_empty(const Problem& p, const at::Tensor& like) {
+  return at::empty({p.B, p.L, p.H, p.D}, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Spans: runs of consecutive tiles in one CSR row, at most span_tiles long.
+
+struct Span {
+  int e0, e1;  // CSR entries [e0, e1)
+  int t0;      // first tile
+};
+
+inline Span next_span(const Csr& c, int e, int end, int span_tiles) {
+  Span s{e, e + 1, c.index[e]};
+  while (s.e1 < end && s.e1 - s.e0 < span_tiles && c.index[s.e1] == c.index[s.e1 - 1] + 1) ++s.e1;
+  return s;
+}
+
+// Rows and mask points of processing positions [p0, p1).
+void fill_points(const MaskSpec& m, int p0, int p1, int* rows, MaskPoint* pts) {
+  for (int p = p0; p < p1; ++p) {
+    pts[p - p0] = mask_point(m, p);
+    rows[p - p0] = pts[p - p0].r;
+  }
+}
+
+// s[t, c] = -inf where processing_allowed is false, for rows [0, nr) x cols [0, nc) of a partial tile.
+void apply_mask(const MaskSpec& m, const MaskPoint* qp, int nr, const MaskPoint* kp, int nc, float* s, int64_t lds,
+                bool key_major) {
+  for (int a = 0; a < nr; ++a) {
+    float* row = s + a * lds;
+    if (key_major) {  // rows are keys, columns queries
+      for (int c = 0; c < nc; ++c)
+        if (!processing_allowed_points(m, qp[c], kp[a])) row[c] = -INFINITY;
+    } else {
+      for (int c = 0; c < nc; ++c)
+        if (!processing_allowed_points(m, qp[a], kp[c])) row[c] = -INFINITY;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+void forward(const Problem& p, const Csr& kv, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             at::Tensor& out, at::Tensor& lse) {
+  const Operand<T> Q = operand<T>(q), K = operand<T>(k), V = operand<T>(v);
+  T* O = out.data_ptr<T>();
+  float* LSE = lse.data_ptr<float>();
+  const int D = p.D, bm = p.bm, bn = p.bn;
+  const int span_tiles = std::max(1, kSpanKeys / bn), span = span_tiles * bn;
+  at::parallel_for(0, p.B * p.H * p.n_qt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bt(span * D), qbuf(bm * D), kbuf(span * D), vbuf(span * D), s(bm * span), acc(bm * D), mx(bm), l(bm);
+    std::vector<int> qrows(bm), krows(span);
+    std::vector<MaskPoint> qpts(bm), kpts(span);
+    for (int64_t task = begin; task < end; ++task) {
+      const int i = static_cast<int>(task % p.n_qt);
+      const int64_t bh = task / p.n_qt, b = bh / p.H, h = bh % p.H;
+      const int q0 = i * bm, mq = std::min(bm, p.n_rows - q0);
+      fill_points(p.m, q0, q0 + mq, qrows.data(), qpts.data());
+      int64_t ldq, ldk, ldv;
+      const float* qt = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
+      std::fill(acc.begin(), acc.begin() + mq * D, 0.f);
+      std::fill(mx.begin(), mx.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.f);
+      const int end_e = kv.indptr[i + 1];
+      for (int e = kv.indptr[i]; e < end_e;) {
+        const Span sp = next_span(kv, e, end_e, span_tiles);
+        e = sp.e1;
+        const int k0 = sp.t0 * bn, nk = std::min((sp.e1 - sp.e0) * bn, p.n_rows - k0);
+        fill_points(p.m, k0, k0 + nk, krows.data(), kpts.data());
+        const float* kt = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
+        const float* vt = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
+        gemm_nt(mq, nk, D, p.scale, qt, ldq, kt, ldk, bt.data(), s.data(), nk);
+        for (int ee = sp.e0; ee < sp.e1; ++ee) {
+          if (!kv.partial[ee]) continue;
+          const int c0 = (ee - sp.e0) * bn;
+          apply_mask(p.m, qpts.data(), mq, kpts.data() + c0, std::min(bn, nk - c0), s.data() + c0, nk, false);
+        }
+        for (int t = 0; t < mq; ++t) {
+          float* row = s.data() + t * nk;
+          const float m_new = std::max(mx[t], row_max(row, nk));
+          const float rescale = online_softmax_rescale(mx[t], m_new);
+          l[t] = l[t] * rescale + exp_shift_sum(row, nk, online_softmax_shift(m_new));
+          if (rescale != 1.f) scale_row(acc.data() + t * D, D, rescale);
+          mx[t] = m_new;
+        }
+        gemm_nn(mq, D, nk, s.data(), nk, vt, ldv, acc.data(), D);
+      }
+      T* o = O;
+      for (int t = 0; t < mq; ++t) {
+        const int r = qrows[t];
+        if (r >= p.L) continue;
+        store_row(o, b, h, r, p.L, p.H, D, acc.data() + t * D, l[t] > 0.f ? 1.f / l[t] : 0.f);
+        LSE[bh * p.L + r] = online_softmax_lse(mx[t], l[t]);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward
+
+// delta[b, h, r] = sum_d dO[r, d] * out[r, d] in fp32, in the chain order of the GEMMs (dot_chain).
+template <typename T>
+void compute_delta(const Problem& p, const Operand<T>& dO, const Operand<T>& O, float* delta) {
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> gbuf(p.D), obuf(p.D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      for (int64_t r = 0; r < p.L; ++r) {
+        const T* g = dO.slice(b, h) + r * dO.sl;
+        const T* o = O.slice(b, h) + r * O.sl;
+        if constexpr (std::is_same_v<T, float>) {
+          delta[bh * p.L + r] = dot_chain(g, o, p.D);
+        } else {
+          for (int d = 0; d < p.D; ++d) {
+            gbuf[d] = to_f32(g[d]);
+            obuf[d] = to_f32(o[d]);
+          }
+          delta[bh * p.L + r] = dot_chain(gbuf.data(), obuf.data(), p.D);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_dq(const Problem& p, const Csr& kv, const Operand<T>& Q, const Operand<T>& K, const Operand<T>& V,
+                 const Operand<T>& dO, const float* LSE, const float* DELTA, T* dq) {
+  const int D = p.D, bm = p.bm, bn = p.bn;
+  const int span_tiles = std::max(1, kSpanKeys / bn), span = span_tiles * bn;
+  at::parallel_for(0, p.B * p.H * p.n_qt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bt(span * D), qbuf(bm * D), gbuf(bm * D), kbuf(span * D), vbuf(span * D), s(bm * span), dp(bm * span),
+        acc(bm * D), lse(bm), delta(bm);
+    std::vector<int> qrows(bm), krows(span);
+    std::vector<MaskPoint> qpts(bm), kpts(span);
+    for (int64_t task = begin; task < end; ++task) {
+      const int i = static_cast<int>(task % p.n_qt);
+      const int64_t bh = task / p.n_qt, b = bh / p.H, h = bh % p.H;
+      const int q0 = i * bm, mq = std::min(bm, p.n_rows - q0);
+      fill_points(p.m, q0, q0 + mq, qrows.data(), qpts.data());
+      int64_t ldq, ldg, ldk, ldv;
+      const float* qt = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
+      const float* gt = load_rows(dO.slice(b, h), dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
+      for (int t = 0; t < mq; ++t) {  // absent rows: P = exp(s - inf) = 0
+        const bool present = qrows[t] < p.L;
+        lse[t] = present ? LSE[bh * p.L + qrows[t]] : INFINITY;
+        delta[t] = present ? DELTA[bh * p.L + qrows[t]] : 0.f;
+      }
+      std::fill(acc.begin(), acc.begin() + mq * D, 0.f);
+      const int end_e = kv.indptr[i + 1];
+      for (int e = kv.indptr[i]; e < end_e;) {
+        const Span sp = next_span(kv, e, end_e, span_tiles);
+        e = sp.e1;
+        const int k0 = sp.t0 * bn, nk = std::min((sp.e1 - sp.e0) * bn, p.n_rows - k0);
+        fill_points(p.m, k0, k0 + nk, krows.data(), kpts.data());
+        const float* kt = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
+        const float* vt = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
+        gemm_nt(mq, nk, D, p.scale, qt, ldq, kt, ldk, bt.data(), s.data(), nk);
+        for (int ee = sp.e0; ee < sp.e1; ++ee) {
+          if (!kv.partial[ee]) continue;
+          const int c0 = (ee - sp.e0) * bn;
+          apply_mask(p.m, qpts.data(), mq, kpts.data() + c0, std::min(bn, nk - c0), s.data() + c0, nk, false);
+        }
+        gemm_nt(mq, nk, D, 1.f, gt, ldg, vt, ldv, bt.data(), dp.data(), nk);
+        for (int t = 0; t < mq; ++t) ds_row(s.data() + t * nk, dp.data() + t * nk, nk, lse[t], delta[t]);
+        gemm_nn(mq, D, nk, s.data(), nk, kt, ldk, acc.data(), D);
+      }
+      for (int t = 0; t < mq; ++t)
+        if (qrows[t] < p.L) store_row(dq, b, h, qrows[t], p.L, p.H, D, acc.data() + t * D, p.scale);
+    }
+  });
+}
+
+template <typename T>
+void backward_dkv(const Problem& p, const Csr& qc, const Operand<T>& Q, const Operand<T>& K, const Operand<T>& V,
+                  const Operand<T>& dO, const float* LSE, const float* DELTA, T* dk, T* dv) {
+  const int D = p.D, bm = p.bm, bn = p.bn;
+  const int span_tiles = std::max(1, kSpanKeys / bm), span = span_tiles * bm;
+  at::parallel_for(0, p.B * p.H * p.n_kt, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bt(span * D), kbuf(bn * D), vbuf(bn * D), qbuf(span * D), gbuf(span * D), s(bn * span), dp(bn * span),
+        dk_acc(bn * D), dv_acc(bn * D), lse(span), delta(span);
+    std::vector<int> krows(bn), qrows(span);
+    std::vector<MaskPoint> kpts(bn), qpts(span);
+    for (int64_t task = begin; task < end; ++task) {
+      const int j = static_cast<int>(task % p.n_kt);
+      const int64_t bh = task / p.n_kt, b = bh / p.H, h = bh % p.H;
+      const int k0 = j * bn, nk = std::min(bn, p.n_rows - k0);
+      fill_points(p.m, k0, k0 + nk, krows.data(), kpts.data());
+      int64_t ldk, ldv, ldq, ldg;
+      const float* kt = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
+      const float* vt = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
+      std::fill(dk_acc.begin(), dk_acc.begin() + nk * D, 0.f);
+      std::fill(dv_acc.begin(), dv_acc.begin() + nk * D, 0.f);
+      const int end_e = qc.indptr[j + 1];
+      for (int e = qc.indptr[j]; e < end_e;) {
+        const Span sp = next_span(qc, e, end_e, span_tiles);
+        e = sp.e1;
+        const int q0 = sp.t0 * bm, mq = std::min((sp.e1 - sp.e0) * bm, p.n_rows - q0);
+        fill_points(p.m, q0, q0 + mq, qrows.data(), qpts.data());
+        const float* qt = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
+        const float* gt = load_rows(dO.slice(b, h), dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
+        for (int t = 0; t < mq; ++t) {
+          const bool present = qrows[t] < p.L;
+          lse[t] = present ? LSE[bh * p.L + qrows[t]] : INFINITY;
+          delta[t] = present ? DELTA[bh * p.L + qrows[t]] : 0.f;
+        }
+        gemm_nt(nk, mq, D, p.scale, kt, ldk, qt, ldq, bt.data(), s.data(), mq);  // S^T [nk, mq]
+        for (int ee = sp.e0; ee < sp.e1; ++ee) {
+          if (!qc.partial[ee]) continue;
+          const int c0 = (ee - sp.e0) * bm;
+          apply_mask(p.m, qpts.data() + c0, nk, kpts.data(), std::min(bm, mq - c0), s.data() + c0, mq, true);
+        }
+        for (int a = 0; a < nk; ++a) p_cols(s.data() + a * mq, lse.data(), mq);
+        gemm_nn(nk, D, mq, s.data(), mq, gt, ldg, dv_acc.data(), D);
+        gemm_nt(nk, mq, D, 1.f, vt, ldv, gt, ldg, bt.data(), dp.data(), mq);  // dP^T [nk, mq]
+        for (int a = 0; a < nk; ++a) ds_cols(s.data() + a * mq, dp.data() + a * mq, delta.data(), mq);
+        gemm_nn(nk, D, mq, s.data(), mq, qt, ldq, dk_acc.data(), D);
+      }
+      for (int a = 0; a < nk; ++a) {
+        if (krows[a] >= p.L) continue;
+        store_row(dk, b, h, krows[a], p.L, p.H, D, dk_acc.data() + a * D, p.scale);
+        store_row(dv, b, h, krows[a], p.L, p.H, D, dv_acc.data() + a * D, 1.f);
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      return f(float{});
+    case at::kHalf:
+      return f(c10::Half{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, "dalle_fast: unexpected dtype ", st);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Ops
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                            const at::Tensor& v_in, const at::Tensor& kv_indptr,
+                                                            const at::Tensor& kv_index, const at::Tensor& kv_partial,
+                                                            int64_t kind, int64_t text_len, int64_t grid_h,
+                                                            int64_t grid_w, int64_t kernel, bool torus, double scale,
+                                                            int64_t block_m, int64_t block_n) {
+  constexpr const char* op = "sparse_attention_fwd";
+  check_qkv(q_in, k_in, v_in, op);
+  const Problem p = make_problem(q_in, kind, text_len, grid_h, grid_w, kernel, torus, scale, block_m, block_n, op);
+  at::Tensor out = blhd_empty(p, q_in);
+  at::Tensor lse = at::empty({p.B, p.H, p.L}, q_in.options().dtype(at::kFloat));
+  if (p.L == 0) return {out.transpose(1, 2), lse};
+  const Csr kv = check_csr(kv_indptr, kv_index, kv_partial, p.n_qt, p.n_kt, op, "kv_", "block_m");
+  if (p.B * p.H == 0) return {out.transpose(1, 2), lse};
+  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    forward<T>(p, kv, q, k, v, out, lse);
+  });
+  return {out.transpose(1, 2), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& kv_indptr, const at::Tensor& kv_index,
+    const at::Tensor& kv_partial, const at::Tensor& q_indptr, const at::Tensor& q_index, const at::Tensor& q_partial,
+    int64_t kind, int64_t text_len, int64_t grid_h, int64_t grid_w, int64_t kernel, bool torus, double scale,
+    int64_t block_m, int64_t block_n) {
+  constexpr const char* op = "sparse_attention_bwd";
+  check_qkv(q_in, k_in, v_in, op);
+  const std::pair<const char*, const at::Tensor*> like_q[] = {{"grad_out", &grad_in}, {"out", &out_in}};
+  for (const auto& [name, t] : like_q) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, ": expected a CPU tensor, got device ", t->device());
+    TORCH_CHECK(t->scalar_type() == q_in.scalar_type(), op, ": ", name, ": expected q's dtype ", q_in.scalar_type(),
+                ", got ", t->scalar_type());
+    TORCH_CHECK(t->sizes() == q_in.sizes(), op, ": ", name, ": expected the shape of q ", q_in.sizes(), ", got ",
+                t->sizes());
+  }
+  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == at::kFloat, op,
+              ": lse: expected a float32 CPU tensor, got ", lse_in.scalar_type(), " on ", lse_in.device());
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.sizes() == q_in.sizes().slice(0, 3), op, ": lse: expected shape [B, H, L] = ",
+              q_in.sizes().slice(0, 3), ", got ", lse_in.sizes());
+  const Problem p = make_problem(q_in, kind, text_len, grid_h, grid_w, kernel, torus, scale, block_m, block_n, op);
+  at::Tensor dq = blhd_empty(p, q_in), dk = blhd_empty(p, q_in), dv = blhd_empty(p, q_in);
+  const auto result = [&] { return std::make_tuple(dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)); };
+  if (p.L == 0) return result();
+  const Csr kv = check_csr(kv_indptr, kv_index, kv_partial, p.n_qt, p.n_kt, op, "kv_", "block_m");
+  const Csr qc = check_csr(q_indptr, q_index, q_partial, p.n_kt, p.n_qt, op, "q_", "block_n");
+  if (p.B * p.H == 0) return result();
+  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
+  const at::Tensor g = unit_last(grad_in), o = unit_last(out_in), lse = lse_in.contiguous();
+  at::Tensor delta = at::empty({p.B, p.H, p.L}, q_in.options().dtype(at::kFloat));
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const Operand<T> Q = operand<T>(q), K = operand<T>(k), V = operand<T>(v), G = operand<T>(g), O = operand<T>(o);
+    compute_delta<T>(p, G, O, delta.data_ptr<float>());
+    backward_dq<T>(p, kv, Q, K, V, G, lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<T>());
+    backward_dkv<T>(p, qc, Q, K, V, G, lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<T>(),
+                    dv.data_ptr<T>());
+  });
+  return result();
+}
+
+}  // namespace
+}  // namespace dalle_fast
+
+TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) {
+  m.impl("sparse_attention_fwd", &dalle_fast::sparse_attention_fwd_cpu);
+  m.impl("sparse_attention_bwd", &dalle_fast::sparse_attention_bwd_cpu);
+}
