@@ -40,6 +40,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "dalle_fast/attention.h"
@@ -58,29 +59,31 @@
 namespace dalle_fast {
 namespace {
 
-constexpr int kSpanKeys = 256;  // most keys (or queries, in the dK/dV pass) merged into one GEMM
+constexpr int kSpan = 256;  // most keys (forward, dQ) or queries (dK/dV) merged into one span
 constexpr int kMaxBlock = 1024;
-constexpr int kLanes = 16;
 constexpr int kChunk = 32;  // k per fma chain of gemm_nn
 
 // ------------------------------------------------------------------------------------------------
 // Tile GEMMs on fp32, row-major. Every element is one fused multiply-add chain over k in ascending order,
 // whatever the tile shapes and the code path (AVX-512 or the portable loops):
-//   gemm_nt  C[m, n] = alpha * chain_k(A[m, k] * Bt[k, n])   (A [M, K]; Bt = B^T packed [K, N])
-//   gemm_nn  C[m, n] += sum over chunks of kChunk consecutive k (ascending) of chain_k(A[m, k] * B[k, n])
-//            (A [M, K], B [K, N]; the chunks keep the error of long sums, e.g. dV of a text key summed over
-//            every query, near that of a blocked BLAS instead of growing with one chain of K terms)
-// so a score q.k is bitwise the same in the forward, the dQ pass and the dK/dV pass (fma is symmetric in
-// its factors), and dP = dO.v of a row whose softmax is one-hot equals its delta = dO.out (same chain):
-// the backward of such a row is exact, as eager PyTorch's is.
+//   gemm_nt  C[m, n] = alpha * chain_k(A[m, k] * Bt[k, n])   (A [M, K] rows; Bt = B^T packed [K, N])
+//   gemm_nn  C[m, n] += sum over chunks of kChunk consecutive k (ascending) of chain_k(A(m, k) * B[k, n])
+//            (A(m, k) = A[m * sa_m + k * sa_k]: a matrix or the transpose of one; B [K, N] rows. The chunks
+//            keep the error of long sums, e.g. dV of a text key summed over every query, near that of a
+//            blocked BLAS instead of growing with one chain of K terms.)
+// So a score q.k is bitwise the same in the forward, the dQ pass and the dK/dV pass, whichever of q and k
+// is the row operand (fma is symmetric in its factors), and dP = dO.v of a row whose softmax is one-hot
+// equals its delta = dO.out (dot_chain, the same chain): the backward of such a row is exact, as eager
+// PyTorch's is. Only tiles packed once per task are transposed (Q or K^T of the task's own tile); the
+// operands of the spans are read in place.
 
-// Bt[k, n] = B[n, k] for B [N, K] with leading dimension ldb.
-void pack_transposed(int N, int K, const float* B, int64_t ldb, float* Bt) {
+// Bt[k * ldt + n] = B[n * ldb + k] for B [N, K].
+void pack_transposed(int N, int K, const float* B, int64_t ldb, float* Bt, int64_t ldt) {
   constexpr int kBlock = 16;
   for (int n0 = 0; n0 < N; n0 += kBlock)
     for (int k0 = 0; k0 < K; k0 += kBlock)
       for (int n = n0; n < std::min(N, n0 + kBlock); ++n)
-        for (int k = k0; k < std::min(K, k0 + kBlock); ++k) Bt[static_cast<int64_t>(k) * N + n] = B[n * ldb + k];
+        for (int k = k0; k < std::min(K, k0 + kBlock); ++k) Bt[k * ldt + n] = B[n * ldb + k];
 }
 
 // Dot product in the chain order of the GEMMs.
@@ -91,27 +94,27 @@ DF_CLONES float dot_chain(const float* a, const float* b, int K) {
 }
 
 DF_CLONES void gemm_nt_loops(int M, int N, int K, float alpha, const float* A, int64_t lda, const float* Bt,
-                             float* C, int64_t ldc) {
+                             int64_t ldt, float* C, int64_t ldc) {
   for (int m = 0; m < M; ++m) {
     float* c = C + m * ldc;
     for (int n = 0; n < N; ++n) c[n] = 0.f;
     for (int k = 0; k < K; ++k) {
       const float a = A[m * lda + k];
-      const float* b = Bt + static_cast<int64_t>(k) * N;
+      const float* b = Bt + k * ldt;
       for (int n = 0; n < N; ++n) c[n] = std::fma(a, b[n], c[n]);
     }
     for (int n = 0; n < N; ++n) c[n] *= alpha;
   }
 }
 
-DF_CLONES void gemm_nn_loops(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                             int64_t ldc, float* tmp) {
+DF_CLONES void gemm_nn_loops(int M, int N, int K, const float* A, int64_t sa_m, int64_t sa_k, const float* B,
+                             int64_t ldb, float* C, int64_t ldc, float* tmp) {
   for (int m = 0; m < M; ++m) {
     float* c = C + m * ldc;
     for (int k0 = 0; k0 < K; k0 += kChunk) {
       for (int n = 0; n < N; ++n) tmp[n] = 0.f;
       for (int k = k0; k < std::min(K, k0 + kChunk); ++k) {
-        const float a = A[m * lda + k];
+        const float a = A[m * sa_m + k * sa_k];
         const float* b = B + k * ldb;
         for (int n = 0; n < N; ++n) tmp[n] = std::fma(a, b[n], tmp[n]);
       }
@@ -121,79 +124,81 @@ DF_CLONES void gemm_nn_loops(int M, int N, int K, const float* A, int64_t lda, c
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#define DF_HAVE_AVX512_PATH 1
 #define DF_AVX512 __attribute__((target("avx512f")))
+#define DF_UNROLL _Pragma("GCC unroll 16")
 
-DF_AVX512 inline __mmask16 lane_mask(int n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1u); }
+DF_AVX512 inline __mmask16 lane_mask(int n) {
+  return n >= 16 ? 0xFFFF : (n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u));
+}
 
 // MR rows x 32 columns (two vectors, masked) of C = alpha * A Bt.
 template <int MR>
-DF_AVX512 inline void nt_block(int K, float alpha, const float* A, int64_t lda, const float* Bt, int64_t ldb, float* C,
+DF_AVX512 inline void nt_block(int K, float alpha, const float* A, int64_t lda, const float* Bt, int64_t ldt, float* C,
                                int64_t ldc, __mmask16 m0, __mmask16 m1) {
   __m512 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  DF_UNROLL for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int k = 0; k < K; ++k) {
-    const __m512 b0 = _mm512_maskz_loadu_ps(m0, Bt + k * ldb);
-    const __m512 b1 = _mm512_maskz_loadu_ps(m1, Bt + k * ldb + 16);
-    for (int r = 0; r < MR; ++r) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, Bt + k * ldt);
+    const __m512 b1 = _mm512_maskz_loadu_ps(m1, Bt + k * ldt + 16);
+    DF_UNROLL for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(A[r * lda + k]);
       acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
     }
   }
   const __m512 al = _mm512_set1_ps(alpha);
-  for (int r = 0; r < MR; ++r) {
+  DF_UNROLL for (int r = 0; r < MR; ++r) {
     _mm512_mask_storeu_ps(C + r * ldc, m0, _mm512_mul_ps(acc[r][0], al));
     _mm512_mask_storeu_ps(C + r * ldc + 16, m1, _mm512_mul_ps(acc[r][1], al));
   }
 }
 
-DF_AVX512 void gemm_nt_avx512(int M, int N, int K, float alpha, const float* A, int64_t lda, const float* Bt, float* C,
-                              int64_t ldc) {
+DF_AVX512 void gemm_nt_avx512(int M, int N, int K, float alpha, const float* A, int64_t lda, const float* Bt,
+                              int64_t ldt, float* C, int64_t ldc) {
   constexpr int MR = 8;
   for (int n0 = 0; n0 < N; n0 += 32) {
-    const __mmask16 m0 = lane_mask(N - n0), m1 = N - n0 > 16 ? lane_mask(N - n0 - 16) : 0;
+    const __mmask16 m0 = lane_mask(N - n0), m1 = lane_mask(N - n0 - 16);
     int m = 0;
-    for (; m + MR <= M; m += MR) nt_block<MR>(K, alpha, A + m * lda, lda, Bt + n0, N, C + m * ldc + n0, ldc, m0, m1);
-    for (; m < M; ++m) nt_block<1>(K, alpha, A + m * lda, lda, Bt + n0, N, C + m * ldc + n0, ldc, m0, m1);
+    for (; m + MR <= M; m += MR) nt_block<MR>(K, alpha, A + m * lda, lda, Bt + n0, ldt, C + m * ldc + n0, ldc, m0, m1);
+    for (; m < M; ++m) nt_block<1>(K, alpha, A + m * lda, lda, Bt + n0, ldt, C + m * ldc + n0, ldc, m0, m1);
   }
 }
 
 // MR rows x NV vectors (the last one masked) of C += A B.
 template <int MR, int NV>
-DF_AVX512 inline void nn_block(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                               __mmask16 last) {
+DF_AVX512 inline void nn_block(int K, const float* A, int64_t sa_m, int64_t sa_k, const float* B, int64_t ldb,
+                               float* C, int64_t ldc, __mmask16 last) {
   for (int k0 = 0; k0 < K; k0 += kChunk) {
     __m512 acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    DF_UNROLL for (int r = 0; r < MR; ++r) DF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
     const int k1 = std::min(K, k0 + kChunk);
     for (int k = k0; k < k1; ++k) {
       __m512 b[NV];
-      for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xFFFF, B + k * ldb + 16 * v);
-      for (int r = 0; r < MR; ++r) {
-        const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+      DF_UNROLL for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xFFFF, B + k * ldb + 16 * v);
+      DF_UNROLL for (int r = 0; r < MR; ++r) {
+        const __m512 a = _mm512_set1_ps(A[r * sa_m + k * sa_k]);
+        DF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
       }
     }
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) {
-        const __mmask16 mk = v == NV - 1 ? last : 0xFFFF;
-        float* c = C + r * ldc + 16 * v;
-        _mm512_mask_storeu_ps(c, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, c), acc[r][v]));
-      }
+    DF_UNROLL for (int r = 0; r < MR; ++r) DF_UNROLL for (int v = 0; v < NV; ++v) {
+      const __mmask16 mk = v == NV - 1 ? last : 0xFFFF;
+      float* c = C + r * ldc + 16 * v;
+      _mm512_mask_storeu_ps(c, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, c), acc[r][v]));
+    }
   }
 }
 
 template <int MR, int NV>
-DF_AVX512 void nn_rows(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                       __mmask16 last) {
+DF_AVX512 void nn_rows(int M, int K, const float* A, int64_t sa_m, int64_t sa_k, const float* B, int64_t ldb, float* C,
+                       int64_t ldc, __mmask16 last) {
   int m = 0;
-  for (; m + MR <= M; m += MR) nn_block<MR, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, last);
-  for (; m < M; ++m) nn_block<1, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, last);
+  for (; m + MR <= M; m += MR) nn_block<MR, NV>(K, A + m * sa_m, sa_m, sa_k, B, ldb, C + m * ldc, ldc, last);
+  for (; m < M; ++m) nn_block<1, NV>(K, A + m * sa_m, sa_m, sa_k, B, ldb, C + m * ldc, ldc, last);
 }
 
-DF_AVX512 void gemm_nn_avx512(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                              int64_t ldc) {
+DF_AVX512 void gemm_nn_avx512(int M, int N, int K, const float* A, int64_t sa_m, int64_t sa_k, const float* B,
+                              int64_t ldb, float* C, int64_t ldc) {
   for (int n0 = 0; n0 < N; n0 += 64) {
     const int nv = std::min(4, (N - n0 + 15) / 16);
     const __mmask16 last = lane_mask(N - n0 - 16 * (nv - 1));
@@ -201,105 +206,174 @@ DF_AVX512 void gemm_nn_avx512(int M, int N, int K, const float* A, int64_t lda, 
     float* c = C + n0;
     switch (nv) {
       case 1:
-        nn_rows<8, 1>(M, K, A, lda, b, ldb, c, ldc, last);
+        nn_rows<8, 1>(M, K, A, sa_m, sa_k, b, ldb, c, ldc, last);
         break;
       case 2:
-        nn_rows<8, 2>(M, K, A, lda, b, ldb, c, ldc, last);
+        nn_rows<8, 2>(M, K, A, sa_m, sa_k, b, ldb, c, ldc, last);
         break;
       case 3:
-        nn_rows<5, 3>(M, K, A, lda, b, ldb, c, ldc, last);
+        nn_rows<5, 3>(M, K, A, sa_m, sa_k, b, ldb, c, ldc, last);
         break;
       default:
-        nn_rows<4, 4>(M, K, A, lda, b, ldb, c, ldc, last);
+        nn_rows<4, 4>(M, K, A, sa_m, sa_k, b, ldb, c, ldc, last);
     }
   }
 }
 
+// exp_finite_or_zero of math.h on 16 lanes, operation for operation (the compiler may contract a multiply
+// and an add into an fma here, so the last bit can differ from the portable path).
+DF_AVX512 inline __m512 exp_avx512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-86.f), hi = _mm512_set1_ps(88.f), shift = _mm512_set1_ps(12582912.f);
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  const __m512 t = _mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504089f)), shift);
+  const __m512 nf = _mm512_sub_ps(t, shift);
+  const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(shift));
+  const __m512 r = _mm512_add_ps(_mm512_sub_ps(xc, _mm512_mul_ps(nf, _mm512_set1_ps(0.693359375f))),
+                                 _mm512_mul_ps(nf, _mm512_set1_ps(2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(0.5f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f));
+  __m512 y = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(n, 23)));
+  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
+  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
+  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+
+DF_AVX512 void col_max_avx512(const float* s, int rows, int n, int64_t ld, float* out) {
+  for (int c = 0; c < n; c += 16) {
+    const __mmask16 mk = lane_mask(n - c);
+    __m512 m = _mm512_maskz_loadu_ps(mk, out + c);
+    for (int r = 0; r < rows; ++r) m = _mm512_max_ps(m, _mm512_maskz_loadu_ps(mk, s + r * ld + c));
+    _mm512_mask_storeu_ps(out + c, mk, m);
+  }
+}
+
+DF_AVX512 void exp_cols_avx512(float* s, int rows, int n, int64_t ld, const float* shift, float* sum) {
+  for (int c = 0; c < n; c += 16) {
+    const __mmask16 mk = lane_mask(n - c);
+    const __m512 sh = _mm512_maskz_loadu_ps(mk, shift + c);
+    __m512 acc = _mm512_maskz_loadu_ps(mk, sum + c);
+    for (int r = 0; r < rows; ++r) {
+      float* row = s + r * ld + c;
+      const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, row), sh));
+      _mm512_mask_storeu_ps(row, mk, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    _mm512_mask_storeu_ps(sum + c, mk, acc);
+  }
+}
+
+DF_AVX512 void ds_cols_avx512(float* s, const float* dp, int rows, int n, int64_t ld, const float* lse,
+                              const float* delta) {
+  for (int c = 0; c < n; c += 16) {
+    const __mmask16 mk = lane_mask(n - c);
+    const __m512 ls = _mm512_maskz_loadu_ps(mk, lse + c), de = _mm512_maskz_loadu_ps(mk, delta + c);
+    for (int r = 0; r < rows; ++r) {
+      float* row = s + r * ld + c;
+      const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, row), ls));
+      _mm512_mask_storeu_ps(row, mk, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, dp + r * ld + c), de)));
+    }
+  }
+}
+
+DF_AVX512 void p_rows_avx512(float* s, int rows, int n, int64_t ld, const float* lse) {
+  for (int r = 0; r < rows; ++r) {
+    const __m512 ls = _mm512_set1_ps(lse[r]);
+    for (int c = 0; c < n; c += 16) {
+      const __mmask16 mk = lane_mask(n - c);
+      float* row = s + r * ld + c;
+      _mm512_mask_storeu_ps(row, mk, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, row), ls)));
+    }
+  }
+}
+
+DF_AVX512 void ds_rows_avx512(float* s, const float* dp, int rows, int n, int64_t ld, const float* delta) {
+  for (int r = 0; r < rows; ++r) {
+    const __m512 de = _mm512_set1_ps(delta[r]);
+    for (int c = 0; c < n; c += 16) {
+      const __mmask16 mk = lane_mask(n - c);
+      float* row = s + r * ld + c;
+      const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, dp + r * ld + c), de);
+      _mm512_mask_storeu_ps(row, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row), g));
+    }
+  }
+}
+
+// DALLE_FAST_CPU_PORTABLE=1 (read once) forces the portable loops, so that tests can compare both paths.
 bool have_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
+  static const bool yes = __builtin_cpu_supports("avx512f") && std::getenv("DALLE_FAST_CPU_PORTABLE") == nullptr;
   return yes;
 }
+#define DF_TRY_AVX512(call) \
+  if (have_avx512()) return call
 #else
-bool have_avx512() { return false; }
+#define DF_TRY_AVX512(call)
 #endif
 
-// C = alpha * A B^T, A [M, K], B [N, K]; bt: a [K, N] scratch buffer.
-void gemm_nt(int M, int N, int K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float* bt,
-             float* C, int64_t ldc) {
+// C = alpha * A B^T for A [M, K] rows and Bt = B^T [K, N] (leading dimension ldt).
+void gemm_nt(int M, int N, int K, float alpha, const float* A, int64_t lda, const float* Bt, int64_t ldt, float* C,
+             int64_t ldc) {
   if (M == 0 || N == 0) return;
-  pack_transposed(N, K, B, ldb, bt);
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (have_avx512()) return gemm_nt_avx512(M, N, K, alpha, A, lda, bt, C, ldc);
-#endif
-  gemm_nt_loops(M, N, K, alpha, A, lda, bt, C, ldc);
+  DF_TRY_AVX512(gemm_nt_avx512(M, N, K, alpha, A, lda, Bt, ldt, C, ldc));
+  gemm_nt_loops(M, N, K, alpha, A, lda, Bt, ldt, C, ldc);
 }
 
-// C += A B, A [M, K], B [K, N].
-void gemm_nn(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+// C += A B for A(m, k) = A[m * sa_m + k * sa_k] and B [K, N] rows.
+void gemm_nn(int M, int N, int K, const float* A, int64_t sa_m, int64_t sa_k, const float* B, int64_t ldb, float* C,
+             int64_t ldc) {
   if (M == 0 || N == 0) return;
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (have_avx512()) return gemm_nn_avx512(M, N, K, A, lda, B, ldb, C, ldc);
-#endif
+  DF_TRY_AVX512(gemm_nn_avx512(M, N, K, A, sa_m, sa_k, B, ldb, C, ldc));
   std::vector<float> tmp(N);
-  gemm_nn_loops(M, N, K, A, lda, B, ldb, C, ldc, tmp.data());
+  gemm_nn_loops(M, N, K, A, sa_m, sa_k, B, ldb, C, ldc, tmp.data());
 }
 
 // ------------------------------------------------------------------------------------------------
-// Element-wise loops over one row of scores (lanes so that the reductions vectorise; fixed order, so the
-// results are deterministic).
+// Element-wise passes over score tiles s [rows, n] (leading dimension ld). "cols": one query per column
+// (vectors of queries), "rows": one query per row.
 
-DF_CLONES float row_max(const float* s, int n) {
-  float lane[kLanes];
-  for (int u = 0; u < kLanes; ++u) lane[u] = -INFINITY;
-  int c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int u = 0; u < kLanes; ++u) lane[u] = s[c + u] > lane[u] ? s[c + u] : lane[u];
-  for (; c < n; ++c) lane[0] = s[c] > lane[0] ? s[c] : lane[0];
-  float mx = lane[0];
-  for (int u = 1; u < kLanes; ++u) mx = lane[u] > mx ? lane[u] : mx;
-  return mx;
+// out[c] = max(out[c], max_r s[r, c]).
+void col_max(const float* s, int rows, int n, int64_t ld, float* out) {
+  DF_TRY_AVX512(col_max_avx512(s, rows, n, ld, out));
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < n; ++c) out[c] = s[r * ld + c] > out[c] ? s[r * ld + c] : out[c];
 }
 
-// s = exp(s - shift) in place; returns the sum.
-DF_CLONES float exp_shift_sum(float* s, int n, float shift) {
-  float lane[kLanes] = {};
-  int c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int u = 0; u < kLanes; ++u) {
-      const float e = exp_finite_or_zero(s[c + u] - shift);
-      s[c + u] = e;
-      lane[u] += e;
+// s = exp(s - shift[c]); sum[c] += the column's sum (rows in order).
+void exp_cols(float* s, int rows, int n, int64_t ld, const float* shift, float* sum) {
+  DF_TRY_AVX512(exp_cols_avx512(s, rows, n, ld, shift, sum));
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < n; ++c) {
+      const float e = exp_finite_or_zero(s[r * ld + c] - shift[c]);
+      s[r * ld + c] = e;
+      sum[c] += e;
     }
-  for (; c < n; ++c) {
-    const float e = exp_finite_or_zero(s[c] - shift);
-    s[c] = e;
-    lane[0] += e;
-  }
-  float sum = 0.f;
-  for (int u = 0; u < kLanes; ++u) sum += lane[u];
-  return sum;
 }
 
-DF_CLONES void scale_row(float* a, int n, float f) {
-  for (int c = 0; c < n; ++c) a[c] *= f;
+// s = exp(s - lse[c]) * (dp - delta[c]): dS from the scores.
+void ds_cols(float* s, const float* dp, int rows, int n, int64_t ld, const float* lse, const float* delta) {
+  DF_TRY_AVX512(ds_cols_avx512(s, dp, rows, n, ld, lse, delta));
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < n; ++c)
+      s[r * ld + c] = exp_finite_or_zero(s[r * ld + c] - lse[c]) * (dp[r * ld + c] - delta[c]);
 }
 
-// Backward, one query per row: p = exp(s - lse) in place, then p = p * (dp - delta).
-DF_CLONES void ds_row(float* s, const float* dp, int n, float lse, float delta) {
-  for (int c = 0; c < n; ++c) {
-    const float p = exp_finite_or_zero(s[c] - lse);
-    s[c] = p * (dp[c] - delta);
-  }
+// s = exp(s - lse[r]): P from the scores.
+void p_rows(float* s, int rows, int n, int64_t ld, const float* lse) {
+  DF_TRY_AVX512(p_rows_avx512(s, rows, n, ld, lse));
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < n; ++c) s[r * ld + c] = exp_finite_or_zero(s[r * ld + c] - lse[r]);
 }
 
-// Backward, one key per row (queries along the row): p = exp(s - lse[c]).
-DF_CLONES void p_cols(float* s, const float* lse, int n) {
-  for (int c = 0; c < n; ++c) s[c] = exp_finite_or_zero(s[c] - lse[c]);
-}
-
-// ds = p * (dp - delta[c]) in place of p.
-DF_CLONES void ds_cols(float* p, const float* dp, const float* delta, int n) {
-  for (int c = 0; c < n; ++c) p[c] = p[c] * (dp[c] - delta[c]);
+// s = s * (dp - delta[r]): dS from P.
+void ds_rows(float* s, const float* dp, int rows, int n, int64_t ld, const float* delta) {
+  DF_TRY_AVX512(ds_rows_avx512(s, dp, rows, n, ld, delta));
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < n; ++c) s[r * ld + c] = s[r * ld + c] * (dp[r * ld + c] - delta[r]);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -486,23 +560,36 @@ void fill_points(const MaskSpec& m, int p0, int p1, int* rows, MaskPoint* pts) {
   }
 }
 
-// s[t, c] = -inf where processing_allowed is false, for rows [0, nr) x cols [0, nc) of a partial tile.
-void apply_mask(const MaskSpec& m, const MaskPoint* qp, int nr, const MaskPoint* kp, int nc, float* s, int64_t lds,
-                bool key_major) {
+// The element mask of a partial tile: s[a, c] = -inf where processing_allowed is false, for tile rows a of
+// points row_pts[0, nr) and columns c of points col_pts[0, nc); rows_are_keys says which side is the key.
+void apply_mask(const MaskSpec& m, const MaskPoint* row_pts, int nr, const MaskPoint* col_pts, int nc, float* s,
+                int64_t lds, bool rows_are_keys) {
   for (int a = 0; a < nr; ++a) {
     float* row = s + a * lds;
-    if (key_major) {  // rows are keys, columns queries
+    if (rows_are_keys) {
       for (int c = 0; c < nc; ++c)
-        if (!processing_allowed_points(m, qp[c], kp[a])) row[c] = -INFINITY;
+        if (!processing_allowed_points(m, col_pts[c], row_pts[a])) row[c] = -INFINITY;
     } else {
       for (int c = 0; c < nc; ++c)
-        if (!processing_allowed_points(m, qp[a], kp[c])) row[c] = -INFINITY;
+        if (!processing_allowed_points(m, row_pts[a], col_pts[c])) row[c] = -INFINITY;
     }
   }
 }
 
+// lse and delta of the query rows of a tile or span; absent rows get lse = +inf (P = exp(s - inf) = 0).
+void query_stats(const Problem& p, int64_t bh, const int* rows, int n, const float* LSE, const float* DELTA, float* lse,
+                 float* delta) {
+  for (int t = 0; t < n; ++t) {
+    const bool present = rows[t] < p.L;
+    lse[t] = present ? LSE[bh * p.L + rows[t]] : INFINITY;
+    delta[t] = present ? DELTA[bh * p.L + rows[t]] : 0.f;
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
-// Forward
+// Forward: per query tile, the scores of a span are computed transposed, S^T [keys, queries] = K Q^T
+// (Q^T packed once per task), so the online softmax runs on vectors of queries and the keys are read in
+// place.
 
 template <typename T>
 void forward(const Problem& p, const Csr& kv, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -511,9 +598,10 @@ void forward(const Problem& p, const Csr& kv, const at::Tensor& q, const at::Ten
   T* O = out.data_ptr<T>();
   float* LSE = lse.data_ptr<float>();
   const int D = p.D, bm = p.bm, bn = p.bn;
-  const int span_tiles = std::max(1, kSpanKeys / bn), span = span_tiles * bn;
+  const int span_tiles = std::max(1, kSpan / bn), span = span_tiles * bn;
   at::parallel_for(0, p.B * p.H * p.n_qt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> bt(span * D), qbuf(bm * D), kbuf(span * D), vbuf(span * D), s(bm * span), acc(bm * D), mx(bm), l(bm);
+    std::vector<float> qbuf(bm * D), qt(D * bm), kbuf(span * D), vbuf(span * D), s(span * bm), acc(bm * D);
+    std::vector<float> mx(bm), l(bm), cmax(bm), shift(bm), csum(bm);
     std::vector<int> qrows(bm), krows(span);
     std::vector<MaskPoint> qpts(bm), kpts(span);
     for (int64_t task = begin; task < end; ++task) {
@@ -522,7 +610,8 @@ void forward(const Problem& p, const Csr& kv, const at::Tensor& q, const at::Ten
       const int q0 = i * bm, mq = std::min(bm, p.n_rows - q0);
       fill_points(p.m, q0, q0 + mq, qrows.data(), qpts.data());
       int64_t ldq, ldk, ldv;
-      const float* qt = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
+      const float* qv = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
+      pack_transposed(mq, D, qv, ldq, qt.data(), mq);
       std::fill(acc.begin(), acc.begin() + mq * D, 0.f);
       std::fill(mx.begin(), mx.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.f);
@@ -534,27 +623,33 @@ void forward(const Problem& p, const Csr& kv, const at::Tensor& q, const at::Ten
         fill_points(p.m, k0, k0 + nk, krows.data(), kpts.data());
         const float* kt = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
         const float* vt = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
-        gemm_nt(mq, nk, D, p.scale, qt, ldq, kt, ldk, bt.data(), s.data(), nk);
+        gemm_nt(nk, mq, D, p.scale, kt, ldk, qt.data(), mq, s.data(), mq);  // S^T [nk, mq]
         for (int ee = sp.e0; ee < sp.e1; ++ee) {
           if (!kv.partial[ee]) continue;
           const int c0 = (ee - sp.e0) * bn;
-          apply_mask(p.m, qpts.data(), mq, kpts.data() + c0, std::min(bn, nk - c0), s.data() + c0, nk, false);
+          apply_mask(p.m, kpts.data() + c0, std::min(bn, nk - c0), qpts.data(), mq, s.data() + c0 * mq, mq, true);
         }
+        std::fill(cmax.begin(), cmax.end(), -INFINITY);
+        col_max(s.data(), nk, mq, mq, cmax.data());
         for (int t = 0; t < mq; ++t) {
-          float* row = s.data() + t * nk;
-          const float m_new = std::max(mx[t], row_max(row, nk));
-          const float rescale = online_softmax_rescale(mx[t], m_new);
-          l[t] = l[t] * rescale + exp_shift_sum(row, nk, online_softmax_shift(m_new));
-          if (rescale != 1.f) scale_row(acc.data() + t * D, D, rescale);
+          const float m_new = std::max(mx[t], cmax[t]);
+          cmax[t] = online_softmax_rescale(mx[t], m_new);  // now the rescale factor
+          shift[t] = online_softmax_shift(m_new);
           mx[t] = m_new;
         }
-        gemm_nn(mq, D, nk, s.data(), nk, vt, ldv, acc.data(), D);
+        std::fill(csum.begin(), csum.end(), 0.f);
+        exp_cols(s.data(), nk, mq, mq, shift.data(), csum.data());
+        for (int t = 0; t < mq; ++t) {
+          l[t] = l[t] * cmax[t] + csum[t];
+          if (cmax[t] != 1.f)
+            for (int d = 0; d < D; ++d) acc[t * D + d] *= cmax[t];
+        }
+        gemm_nn(mq, D, nk, s.data(), 1, mq, vt, ldv, acc.data(), D);  // acc += (S^T)^T V
       }
-      T* o = O;
       for (int t = 0; t < mq; ++t) {
         const int r = qrows[t];
         if (r >= p.L) continue;
-        store_row(o, b, h, r, p.L, p.H, D, acc.data() + t * D, l[t] > 0.f ? 1.f / l[t] : 0.f);
+        store_row(O, b, h, r, p.L, p.H, D, acc.data() + t * D, l[t] > 0.f ? 1.f / l[t] : 0.f);
         LSE[bh * p.L + r] = online_softmax_lse(mx[t], l[t]);
       }
     }
@@ -588,14 +683,16 @@ void compute_delta(const Problem& p, const Operand<T>& dO, const Operand<T>& O, 
   });
 }
 
+// dQ: per query tile, over key spans, transposed like the forward: S^T = K Q^T, dP^T = V dO^T (Q^T and
+// dO^T packed once per task), dS^T = P^T (dP^T - delta), dQ += (dS^T)^T K.
 template <typename T>
 void backward_dq(const Problem& p, const Csr& kv, const Operand<T>& Q, const Operand<T>& K, const Operand<T>& V,
                  const Operand<T>& dO, const float* LSE, const float* DELTA, T* dq) {
   const int D = p.D, bm = p.bm, bn = p.bn;
-  const int span_tiles = std::max(1, kSpanKeys / bn), span = span_tiles * bn;
+  const int span_tiles = std::max(1, kSpan / bn), span = span_tiles * bn;
   at::parallel_for(0, p.B * p.H * p.n_qt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> bt(span * D), qbuf(bm * D), gbuf(bm * D), kbuf(span * D), vbuf(span * D), s(bm * span), dp(bm * span),
-        acc(bm * D), lse(bm), delta(bm);
+    std::vector<float> qbuf(bm * D), gbuf(bm * D), qt(D * bm), gt(D * bm), kbuf(span * D), vbuf(span * D);
+    std::vector<float> s(span * bm), dp(span * bm), acc(bm * D), lse(bm), delta(bm);
     std::vector<int> qrows(bm), krows(span);
     std::vector<MaskPoint> qpts(bm), kpts(span);
     for (int64_t task = begin; task < end; ++task) {
@@ -604,13 +701,11 @@ void backward_dq(const Problem& p, const Csr& kv, const Operand<T>& Q, const Ope
       const int q0 = i * bm, mq = std::min(bm, p.n_rows - q0);
       fill_points(p.m, q0, q0 + mq, qrows.data(), qpts.data());
       int64_t ldq, ldg, ldk, ldv;
-      const float* qt = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
-      const float* gt = load_rows(dO.slice(b, h), dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
-      for (int t = 0; t < mq; ++t) {  // absent rows: P = exp(s - inf) = 0
-        const bool present = qrows[t] < p.L;
-        lse[t] = present ? LSE[bh * p.L + qrows[t]] : INFINITY;
-        delta[t] = present ? DELTA[bh * p.L + qrows[t]] : 0.f;
-      }
+      const float* qv = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
+      pack_transposed(mq, D, qv, ldq, qt.data(), mq);
+      const float* gv = load_rows(dO.slice(b, h), dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
+      pack_transposed(mq, D, gv, ldg, gt.data(), mq);
+      query_stats(p, bh, qrows.data(), mq, LSE, DELTA, lse.data(), delta.data());
       std::fill(acc.begin(), acc.begin() + mq * D, 0.f);
       const int end_e = kv.indptr[i + 1];
       for (int e = kv.indptr[i]; e < end_e;) {
@@ -620,15 +715,15 @@ void backward_dq(const Problem& p, const Csr& kv, const Operand<T>& Q, const Ope
         fill_points(p.m, k0, k0 + nk, krows.data(), kpts.data());
         const float* kt = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
         const float* vt = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
-        gemm_nt(mq, nk, D, p.scale, qt, ldq, kt, ldk, bt.data(), s.data(), nk);
+        gemm_nt(nk, mq, D, p.scale, kt, ldk, qt.data(), mq, s.data(), mq);
         for (int ee = sp.e0; ee < sp.e1; ++ee) {
           if (!kv.partial[ee]) continue;
           const int c0 = (ee - sp.e0) * bn;
-          apply_mask(p.m, qpts.data(), mq, kpts.data() + c0, std::min(bn, nk - c0), s.data() + c0, nk, false);
+          apply_mask(p.m, kpts.data() + c0, std::min(bn, nk - c0), qpts.data(), mq, s.data() + c0 * mq, mq, true);
         }
-        gemm_nt(mq, nk, D, 1.f, gt, ldg, vt, ldv, bt.data(), dp.data(), nk);
-        for (int t = 0; t < mq; ++t) ds_row(s.data() + t * nk, dp.data() + t * nk, nk, lse[t], delta[t]);
-        gemm_nn(mq, D, nk, s.data(), nk, kt, ldk, acc.data(), D);
+        gemm_nt(nk, mq, D, 1.f, vt, ldv, gt.data(), mq, dp.data(), mq);
+        ds_cols(s.data(), dp.data(), nk, mq, mq, lse.data(), delta.data());
+        gemm_nn(mq, D, nk, s.data(), 1, mq, kt, ldk, acc.data(), D);
       }
       for (int t = 0; t < mq; ++t)
         if (qrows[t] < p.L) store_row(dq, b, h, qrows[t], p.L, p.H, D, acc.data() + t * D, p.scale);
@@ -636,14 +731,17 @@ void backward_dq(const Problem& p, const Csr& kv, const Operand<T>& Q, const Ope
   });
 }
 
+// dK, dV: per key tile, over spans of the query tiles that visit it: S = Q K^T, P = exp(S - lse),
+// dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q (K^T and V^T packed once per task; the
+// queries read in place).
 template <typename T>
 void backward_dkv(const Problem& p, const Csr& qc, const Operand<T>& Q, const Operand<T>& K, const Operand<T>& V,
                   const Operand<T>& dO, const float* LSE, const float* DELTA, T* dk, T* dv) {
   const int D = p.D, bm = p.bm, bn = p.bn;
-  const int span_tiles = std::max(1, kSpanKeys / bm), span = span_tiles * bm;
+  const int span_tiles = std::max(1, kSpan / bm), span = span_tiles * bm;
   at::parallel_for(0, p.B * p.H * p.n_kt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> bt(span * D), kbuf(bn * D), vbuf(bn * D), qbuf(span * D), gbuf(span * D), s(bn * span), dp(bn * span),
-        dk_acc(bn * D), dv_acc(bn * D), lse(span), delta(span);
+    std::vector<float> kbuf(bn * D), vbuf(bn * D), kt(D * bn), vt(D * bn), qbuf(span * D), gbuf(span * D);
+    std::vector<float> s(span * bn), dp(span * bn), dk_acc(bn * D), dv_acc(bn * D), lse(span), delta(span);
     std::vector<int> krows(bn), qrows(span);
     std::vector<MaskPoint> kpts(bn), qpts(span);
     for (int64_t task = begin; task < end; ++task) {
@@ -652,8 +750,10 @@ void backward_dkv(const Problem& p, const Csr& qc, const Operand<T>& Q, const Op
       const int k0 = j * bn, nk = std::min(bn, p.n_rows - k0);
       fill_points(p.m, k0, k0 + nk, krows.data(), kpts.data());
       int64_t ldk, ldv, ldq, ldg;
-      const float* kt = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
-      const float* vt = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
+      const float* kv = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
+      pack_transposed(nk, D, kv, ldk, kt.data(), nk);
+      const float* vv = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
+      pack_transposed(nk, D, vv, ldv, vt.data(), nk);
       std::fill(dk_acc.begin(), dk_acc.begin() + nk * D, 0.f);
       std::fill(dv_acc.begin(), dv_acc.begin() + nk * D, 0.f);
       const int end_e = qc.indptr[j + 1];
@@ -662,24 +762,20 @@ void backward_dkv(const Problem& p, const Csr& qc, const Operand<T>& Q, const Op
         e = sp.e1;
         const int q0 = sp.t0 * bm, mq = std::min((sp.e1 - sp.e0) * bm, p.n_rows - q0);
         fill_points(p.m, q0, q0 + mq, qrows.data(), qpts.data());
-        const float* qt = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
-        const float* gt = load_rows(dO.slice(b, h), dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
-        for (int t = 0; t < mq; ++t) {
-          const bool present = qrows[t] < p.L;
-          lse[t] = present ? LSE[bh * p.L + qrows[t]] : INFINITY;
-          delta[t] = present ? DELTA[bh * p.L + qrows[t]] : 0.f;
-        }
-        gemm_nt(nk, mq, D, p.scale, kt, ldk, qt, ldq, bt.data(), s.data(), mq);  // S^T [nk, mq]
+        const float* qv = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
+        const float* gv = load_rows(dO.slice(b, h), dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
+        query_stats(p, bh, qrows.data(), mq, LSE, DELTA, lse.data(), delta.data());
+        gemm_nt(mq, nk, D, p.scale, qv, ldq, kt.data(), nk, s.data(), nk);  // S [mq, nk]
         for (int ee = sp.e0; ee < sp.e1; ++ee) {
           if (!qc.partial[ee]) continue;
-          const int c0 = (ee - sp.e0) * bm;
-          apply_mask(p.m, qpts.data() + c0, nk, kpts.data(), std::min(bm, mq - c0), s.data() + c0, mq, true);
+          const int r0 = (ee - sp.e0) * bm;
+          apply_mask(p.m, qpts.data() + r0, std::min(bm, mq - r0), kpts.data(), nk, s.data() + r0 * nk, nk, false);
         }
-        for (int a = 0; a < nk; ++a) p_cols(s.data() + a * mq, lse.data(), mq);
-        gemm_nn(nk, D, mq, s.data(), mq, gt, ldg, dv_acc.data(), D);
-        gemm_nt(nk, mq, D, 1.f, vt, ldv, gt, ldg, bt.data(), dp.data(), mq);  // dP^T [nk, mq]
-        for (int a = 0; a < nk; ++a) ds_cols(s.data() + a * mq, dp.data() + a * mq, delta.data(), mq);
-        gemm_nn(nk, D, mq, s.data(), mq, qt, ldq, dk_acc.data(), D);
+        p_rows(s.data(), mq, nk, nk, lse.data());
+        gemm_nn(nk, D, mq, s.data(), 1, nk, gv, ldg, dv_acc.data(), D);  // dV += P^T dO
+        gemm_nt(mq, nk, D, 1.f, gv, ldg, vt.data(), nk, dp.data(), nk);  // dP [mq, nk]
+        ds_rows(s.data(), dp.data(), mq, nk, nk, delta.data());
+        gemm_nn(nk, D, mq, s.data(), 1, nk, qv, ldq, dk_acc.data(), D);  // dK += dS^T Q
       }
       for (int a = 0; a < nk; ++a) {
         if (krows[a] >= p.L) continue;
