@@ -552,27 +552,47 @@ inline Span next_span(const Csr& c, int e, int end, int span_tiles) {
   return s;
 }
 
-// Rows and mask points of processing positions [p0, p1).
-void fill_points(const MaskSpec& m, int p0, int p1, int* rows, MaskPoint* pts) {
-  for (int p = p0; p < p1; ++p) {
-    pts[p - p0] = mask_point(m, p);
-    rows[p - p0] = pts[p - p0].r;
-  }
+// Raster rows of processing positions [p0, p1).
+void fill_rows(const MaskSpec& m, int p0, int p1, int* rows) {
+  for (int p = p0; p < p1; ++p) rows[p - p0] = processing_row(m, p);
+}
+
+// Mask points of n raster rows.
+void fill_points(const MaskSpec& m, const int* rows, int n, MaskPoint* pts) {
+  for (int t = 0; t < n; ++t) pts[t] = mask_point_raster(m, rows[t]);
 }
 
 // The element mask of a partial tile: s[a, c] = -inf where processing_allowed is false, for tile rows a of
-// points row_pts[0, nr) and columns c of points col_pts[0, nc); rows_are_keys says which side is the key.
-void apply_mask(const MaskSpec& m, const MaskPoint* row_pts, int nr, const MaskPoint* col_pts, int nc, float* s,
-                int64_t lds, bool rows_are_keys) {
+// points row_pts[0, nr) and columns c of points col_pts[0, nc); RowsAreKeys says which side is the key.
+// The kind is a constant here, so that the predicate's switch folds away and the loop has no branch.
+template <int Kind, bool RowsAreKeys>
+void mask_tile(const MaskSpec& spec, const MaskPoint* row_pts, int nr, const MaskPoint* col_pts, int nc, float* s,
+               int64_t lds) {
+  MaskSpec m = spec;
+  m.kind = Kind;
   for (int a = 0; a < nr; ++a) {
+    const MaskPoint pa = row_pts[a];
     float* row = s + a * lds;
-    if (rows_are_keys) {
-      for (int c = 0; c < nc; ++c)
-        if (!processing_allowed_points(m, col_pts[c], row_pts[a])) row[c] = -INFINITY;
-    } else {
-      for (int c = 0; c < nc; ++c)
-        if (!processing_allowed_points(m, row_pts[a], col_pts[c])) row[c] = -INFINITY;
+    for (int c = 0; c < nc; ++c) {
+      const bool ok = RowsAreKeys ? processing_allowed_points(m, col_pts[c], pa)
+                                  : processing_allowed_points(m, pa, col_pts[c]);
+      row[c] = ok ? row[c] : -INFINITY;
     }
+  }
+}
+
+template <bool RowsAreKeys>
+void apply_mask(const MaskSpec& m, const MaskPoint* row_pts, int nr, const MaskPoint* col_pts, int nc, float* s,
+                int64_t lds) {
+  switch (m.kind) {
+    case kMaskRow:
+      return mask_tile<kMaskRow, RowsAreKeys>(m, row_pts, nr, col_pts, nc, s, lds);
+    case kMaskColumn:
+      return mask_tile<kMaskColumn, RowsAreKeys>(m, row_pts, nr, col_pts, nc, s, lds);
+    case kMaskConv:
+      return mask_tile<kMaskConv, RowsAreKeys>(m, row_pts, nr, col_pts, nc, s, lds);
+    default:
+      return mask_tile<kMaskFull, RowsAreKeys>(m, row_pts, nr, col_pts, nc, s, lds);
   }
 }
 
@@ -608,7 +628,8 @@ void forward(const Problem& p, const Csr& kv, const at::Tensor& q, const at::Ten
       const int i = static_cast<int>(task % p.n_qt);
       const int64_t bh = task / p.n_qt, b = bh / p.H, h = bh % p.H;
       const int q0 = i * bm, mq = std::min(bm, p.n_rows - q0);
-      fill_points(p.m, q0, q0 + mq, qrows.data(), qpts.data());
+      fill_rows(p.m, q0, q0 + mq, qrows.data());
+      fill_points(p.m, qrows.data(), mq, qpts.data());
       int64_t ldq, ldk, ldv;
       const float* qv = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
       pack_transposed(mq, D, qv, ldq, qt.data(), mq);
@@ -620,14 +641,16 @@ void forward(const Problem& p, const Csr& kv, const at::Tensor& q, const at::Ten
         const Span sp = next_span(kv, e, end_e, span_tiles);
         e = sp.e1;
         const int k0 = sp.t0 * bn, nk = std::min((sp.e1 - sp.e0) * bn, p.n_rows - k0);
-        fill_points(p.m, k0, k0 + nk, krows.data(), kpts.data());
+        fill_rows(p.m, k0, k0 + nk, krows.data());
         const float* kt = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
         const float* vt = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
         gemm_nt(nk, mq, D, p.scale, kt, ldk, qt.data(), mq, s.data(), mq);  // S^T [nk, mq]
         for (int ee = sp.e0; ee < sp.e1; ++ee) {
           if (!kv.partial[ee]) continue;
           const int c0 = (ee - sp.e0) * bn;
-          apply_mask(p.m, kpts.data() + c0, std::min(bn, nk - c0), qpts.data(), mq, s.data() + c0 * mq, mq, true);
+          const int nc = std::min(bn, nk - c0);
+          fill_points(p.m, krows.data() + c0, nc, kpts.data());
+          apply_mask<true>(p.m, kpts.data(), nc, qpts.data(), mq, s.data() + c0 * mq, mq);
         }
         std::fill(cmax.begin(), cmax.end(), -INFINITY);
         col_max(s.data(), nk, mq, mq, cmax.data());
@@ -699,7 +722,8 @@ void backward_dq(const Problem& p, const Csr& kv, const Operand<T>& Q, const Ope
       const int i = static_cast<int>(task % p.n_qt);
       const int64_t bh = task / p.n_qt, b = bh / p.H, h = bh % p.H;
       const int q0 = i * bm, mq = std::min(bm, p.n_rows - q0);
-      fill_points(p.m, q0, q0 + mq, qrows.data(), qpts.data());
+      fill_rows(p.m, q0, q0 + mq, qrows.data());
+      fill_points(p.m, qrows.data(), mq, qpts.data());
       int64_t ldq, ldg, ldk, ldv;
       const float* qv = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
       pack_transposed(mq, D, qv, ldq, qt.data(), mq);
@@ -712,14 +736,16 @@ void backward_dq(const Problem& p, const Csr& kv, const Operand<T>& Q, const Ope
         const Span sp = next_span(kv, e, end_e, span_tiles);
         e = sp.e1;
         const int k0 = sp.t0 * bn, nk = std::min((sp.e1 - sp.e0) * bn, p.n_rows - k0);
-        fill_points(p.m, k0, k0 + nk, krows.data(), kpts.data());
+        fill_rows(p.m, k0, k0 + nk, krows.data());
         const float* kt = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
         const float* vt = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
         gemm_nt(nk, mq, D, p.scale, kt, ldk, qt.data(), mq, s.data(), mq);
         for (int ee = sp.e0; ee < sp.e1; ++ee) {
           if (!kv.partial[ee]) continue;
           const int c0 = (ee - sp.e0) * bn;
-          apply_mask(p.m, kpts.data() + c0, std::min(bn, nk - c0), qpts.data(), mq, s.data() + c0 * mq, mq, true);
+          const int nc = std::min(bn, nk - c0);
+          fill_points(p.m, krows.data() + c0, nc, kpts.data());
+          apply_mask<true>(p.m, kpts.data(), nc, qpts.data(), mq, s.data() + c0 * mq, mq);
         }
         gemm_nt(nk, mq, D, 1.f, vt, ldv, gt.data(), mq, dp.data(), mq);
         ds_cols(s.data(), dp.data(), nk, mq, mq, lse.data(), delta.data());
@@ -748,7 +774,8 @@ void backward_dkv(const Problem& p, const Csr& qc, const Operand<T>& Q, const Op
       const int j = static_cast<int>(task % p.n_kt);
       const int64_t bh = task / p.n_kt, b = bh / p.H, h = bh % p.H;
       const int k0 = j * bn, nk = std::min(bn, p.n_rows - k0);
-      fill_points(p.m, k0, k0 + nk, krows.data(), kpts.data());
+      fill_rows(p.m, k0, k0 + nk, krows.data());
+      fill_points(p.m, krows.data(), nk, kpts.data());
       int64_t ldk, ldv, ldq, ldg;
       const float* kv = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
       pack_transposed(nk, D, kv, ldk, kt.data(), nk);
@@ -761,7 +788,7 @@ void backward_dkv(const Problem& p, const Csr& qc, const Operand<T>& Q, const Op
         const Span sp = next_span(qc, e, end_e, span_tiles);
         e = sp.e1;
         const int q0 = sp.t0 * bm, mq = std::min((sp.e1 - sp.e0) * bm, p.n_rows - q0);
-        fill_points(p.m, q0, q0 + mq, qrows.data(), qpts.data());
+        fill_rows(p.m, q0, q0 + mq, qrows.data());
         const float* qv = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
         const float* gv = load_rows(dO.slice(b, h), dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
         query_stats(p, bh, qrows.data(), mq, LSE, DELTA, lse.data(), delta.data());
@@ -769,7 +796,9 @@ void backward_dkv(const Problem& p, const Csr& qc, const Operand<T>& Q, const Op
         for (int ee = sp.e0; ee < sp.e1; ++ee) {
           if (!qc.partial[ee]) continue;
           const int r0 = (ee - sp.e0) * bm;
-          apply_mask(p.m, qpts.data() + r0, std::min(bm, mq - r0), kpts.data(), nk, s.data() + r0 * nk, nk, false);
+          const int nr = std::min(bm, mq - r0);
+          fill_points(p.m, qrows.data() + r0, nr, qpts.data());
+          apply_mask<false>(p.m, qpts.data(), nr, kpts.data(), nk, s.data() + r0 * nk, nk);
         }
         p_rows(s.data(), mq, nk, nk, lse.data());
         gemm_nn(nk, D, mq, s.data(), 1, nk, gv, ldg, dv_acc.data(), D);  // dV += P^T dO
