@@ -37,6 +37,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -539,6 +540,34 @@ at::Tensor blhd_empty(const Problem& p, const at::Tensor& like) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Tasks: each pass is a list of independent tasks (a tile of one batch and head) run on torch's intra-op
+// threads, each thread taking the next task when it is done with one. With static chunks, a thread the
+// OS preempts (a shared machine) or a run of costly tiles would hold up the whole pass. Every task writes
+// only its own rows, from its own inputs, so the results do not depend on which thread runs which task.
+
+class TaskQueue {
+ public:
+  explicit TaskQueue(int64_t n) : n_(n) {}
+  int64_t pop() {  // the next task, or -1
+    const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
+    return t < n_ ? t : -1;
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t n_;
+};
+
+template <typename Worker>
+void parallel_tasks(int64_t n, const Worker& worker) {
+  TaskQueue queue(n);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) worker(queue);  // inline (one caller thread): the first drains it
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
 // Spans: runs of consecutive tiles in one CSR row, at most span_tiles long.
 
 struct Span {
@@ -619,13 +648,13 @@ void forward(const Problem& p, const Csr& kv, const at::Tensor& q, const at::Ten
   float* LSE = lse.data_ptr<float>();
   const int D = p.D, bm = p.bm, bn = p.bn;
   const int span_tiles = std::max(1, kSpan / bn), span = span_tiles * bn;
-  at::parallel_for(0, p.B * p.H * p.n_qt, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.B * p.H * p.n_qt, [&](TaskQueue& queue) {
     std::vector<float> qbuf(bm * D), qt(D * bm), kbuf(span * D), vbuf(span * D), s(span * bm), acc(bm * D);
     std::vector<float> mx(bm), l(bm), cmax(bm), shift(bm), csum(bm);
     std::vector<int> qrows(bm), krows(span);
     std::vector<MaskPoint> qpts(bm), kpts(span);
-    for (int64_t task = begin; task < end; ++task) {
-      const int i = static_cast<int>(task % p.n_qt);
+    for (int64_t task; (task = queue.pop()) >= 0;) {
+      const int i = p.n_qt - 1 - static_cast<int>(task % p.n_qt);  // the costlier (later) tiles first
       const int64_t bh = task / p.n_qt, b = bh / p.H, h = bh % p.H;
       const int q0 = i * bm, mq = std::min(bm, p.n_rows - q0);
       fill_rows(p.m, q0, q0 + mq, qrows.data());
@@ -685,11 +714,13 @@ void forward(const Problem& p, const Csr& kv, const at::Tensor& q, const at::Ten
 // delta[b, h, r] = sum_d dO[r, d] * out[r, d] in fp32, in the chain order of the GEMMs (dot_chain).
 template <typename T>
 void compute_delta(const Problem& p, const Operand<T>& dO, const Operand<T>& O, float* delta) {
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kRows = 256;
+  const int64_t chunks = (p.L + kRows - 1) / kRows;
+  parallel_tasks(p.B * p.H * chunks, [&](TaskQueue& queue) {
     std::vector<float> gbuf(p.D), obuf(p.D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H;
-      for (int64_t r = 0; r < p.L; ++r) {
+    for (int64_t task; (task = queue.pop()) >= 0;) {
+      const int64_t bh = task / chunks, b = bh / p.H, h = bh % p.H, r0 = (task % chunks) * kRows;
+      for (int64_t r = r0; r < std::min(p.L, r0 + kRows); ++r) {
         const T* g = dO.slice(b, h) + r * dO.sl;
         const T* o = O.slice(b, h) + r * O.sl;
         if constexpr (std::is_same_v<T, float>) {
@@ -713,13 +744,13 @@ void backward_dq(const Problem& p, const Csr& kv, const Operand<T>& Q, const Ope
                  const Operand<T>& dO, const float* LSE, const float* DELTA, T* dq) {
   const int D = p.D, bm = p.bm, bn = p.bn;
   const int span_tiles = std::max(1, kSpan / bn), span = span_tiles * bn;
-  at::parallel_for(0, p.B * p.H * p.n_qt, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.B * p.H * p.n_qt, [&](TaskQueue& queue) {
     std::vector<float> qbuf(bm * D), gbuf(bm * D), qt(D * bm), gt(D * bm), kbuf(span * D), vbuf(span * D);
     std::vector<float> s(span * bm), dp(span * bm), acc(bm * D), lse(bm), delta(bm);
     std::vector<int> qrows(bm), krows(span);
     std::vector<MaskPoint> qpts(bm), kpts(span);
-    for (int64_t task = begin; task < end; ++task) {
-      const int i = static_cast<int>(task % p.n_qt);
+    for (int64_t task; (task = queue.pop()) >= 0;) {
+      const int i = p.n_qt - 1 - static_cast<int>(task % p.n_qt);  // the costlier (later) tiles first
       const int64_t bh = task / p.n_qt, b = bh / p.H, h = bh % p.H;
       const int q0 = i * bm, mq = std::min(bm, p.n_rows - q0);
       fill_rows(p.m, q0, q0 + mq, qrows.data());
@@ -765,13 +796,13 @@ void backward_dkv(const Problem& p, const Csr& qc, const Operand<T>& Q, const Op
                   const Operand<T>& dO, const float* LSE, const float* DELTA, T* dk, T* dv) {
   const int D = p.D, bm = p.bm, bn = p.bn;
   const int span_tiles = std::max(1, kSpan / bm), span = span_tiles * bm;
-  at::parallel_for(0, p.B * p.H * p.n_kt, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.B * p.H * p.n_kt, [&](TaskQueue& queue) {
     std::vector<float> kbuf(bn * D), vbuf(bn * D), kt(D * bn), vt(D * bn), qbuf(span * D), gbuf(span * D);
     std::vector<float> s(span * bn), dp(span * bn), dk_acc(bn * D), dv_acc(bn * D), lse(span), delta(span);
     std::vector<int> krows(bn), qrows(span);
     std::vector<MaskPoint> kpts(bn), qpts(span);
-    for (int64_t task = begin; task < end; ++task) {
-      const int j = static_cast<int>(task % p.n_kt);
+    for (int64_t task; (task = queue.pop()) >= 0;) {
+      const int j = static_cast<int>(task % p.n_kt);  // the costlier (earlier, text) tiles first
       const int64_t bh = task / p.n_kt, b = bh / p.H, h = bh % p.H;
       const int k0 = j * bn, nk = std::min(bn, p.n_rows - k0);
       fill_rows(p.m, k0, k0 + nk, krows.data());
