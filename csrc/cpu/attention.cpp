@@ -625,16 +625,6 @@ void apply_mask(const MaskSpec& m, const MaskPoint* row_pts, int nr, const MaskP
   }
 }
 
-// lse and delta of the query rows of a tile or span; absent rows get lse = +inf (P = exp(s - inf) = 0).
-void query_stats(const Problem& p, int64_t bh, const int* rows, int n, const float* LSE, const float* DELTA, float* lse,
-                 float* delta) {
-  for (int t = 0; t < n; ++t) {
-    const bool present = rows[t] < p.L;
-    lse[t] = present ? LSE[bh * p.L + rows[t]] : INFINITY;
-    delta[t] = present ? DELTA[bh * p.L + rows[t]] : 0.f;
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // Forward: per query tile, the scores of a span are computed transposed, S^T [keys, queries] = K Q^T
 // (Q^T packed once per task), so the online softmax runs on vectors of queries and the keys are read in
@@ -709,140 +699,156 @@ void forward(const Problem& p, const Csr& kv, const at::Tensor& q, const at::Ten
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward
+// Backward: one list of tasks, the dK/dV tasks (per key tile) then the dQ tasks (per query tile), run in
+// one parallel region; they are independent because each computes the delta of its query rows itself,
+// delta[r] = sum_d dO[r, d] out[r, d] (dot_chain, the chain of the GEMMs: the same bits in both).
 
-// delta[b, h, r] = sum_d dO[r, d] * out[r, d] in fp32, in the chain order of the GEMMs (dot_chain).
-template <typename T>
-void compute_delta(const Problem& p, const Operand<T>& dO, const Operand<T>& O, float* delta) {
-  constexpr int64_t kRows = 256;
-  const int64_t chunks = (p.L + kRows - 1) / kRows;
-  parallel_tasks(p.B * p.H * chunks, [&](TaskQueue& queue) {
-    std::vector<float> gbuf(p.D), obuf(p.D);
-    for (int64_t task; (task = queue.pop()) >= 0;) {
-      const int64_t bh = task / chunks, b = bh / p.H, h = bh % p.H, r0 = (task % chunks) * kRows;
-      for (int64_t r = r0; r < std::min(p.L, r0 + kRows); ++r) {
-        const T* g = dO.slice(b, h) + r * dO.sl;
-        const T* o = O.slice(b, h) + r * O.sl;
-        if constexpr (std::is_same_v<T, float>) {
-          delta[bh * p.L + r] = dot_chain(g, o, p.D);
-        } else {
-          for (int d = 0; d < p.D; ++d) {
-            gbuf[d] = to_f32(g[d]);
-            obuf[d] = to_f32(o[d]);
-          }
-          delta[bh * p.L + r] = dot_chain(gbuf.data(), obuf.data(), p.D);
-        }
-      }
-    }
-  });
+// lse and delta of n query rows (dO and out rows given as fp32 matrices); absent rows get lse = +inf
+// (P = exp(s - inf) = 0) and delta = 0.
+void query_stats(const Problem& p, int64_t bh, const int* rows, int n, const float* LSE, const float* g, int64_t ldg,
+                 const float* o, int64_t ldo, float* lse, float* delta) {
+  for (int t = 0; t < n; ++t) {
+    const bool present = rows[t] < p.L;
+    lse[t] = present ? LSE[bh * p.L + rows[t]] : INFINITY;
+    delta[t] = present ? dot_chain(g + t * ldg, o + t * ldo, p.D) : 0.f;
+  }
 }
 
-// dQ: per query tile, over key spans, transposed like the forward: S^T = K Q^T, dP^T = V dO^T (Q^T and
+template <typename T>
+struct BackwardArgs {
+  const Problem& p;
+  const Csr &kv, &qc;
+  Operand<T> Q, K, V, dO, O;
+  const float* LSE;
+  T *dq, *dk, *dv;
+};
+
+// dQ of one query tile, over key spans, transposed like the forward: S^T = K Q^T, dP^T = V dO^T (Q^T and
 // dO^T packed once per task), dS^T = P^T (dP^T - delta), dQ += (dS^T)^T K.
 template <typename T>
-void backward_dq(const Problem& p, const Csr& kv, const Operand<T>& Q, const Operand<T>& K, const Operand<T>& V,
-                 const Operand<T>& dO, const float* LSE, const float* DELTA, T* dq) {
-  const int D = p.D, bm = p.bm, bn = p.bn;
-  const int span_tiles = std::max(1, kSpan / bn), span = span_tiles * bn;
-  parallel_tasks(p.B * p.H * p.n_qt, [&](TaskQueue& queue) {
-    std::vector<float> qbuf(bm * D), gbuf(bm * D), qt(D * bm), gt(D * bm), kbuf(span * D), vbuf(span * D);
-    std::vector<float> s(span * bm), dp(span * bm), acc(bm * D), lse(bm), delta(bm);
-    std::vector<int> qrows(bm), krows(span);
-    std::vector<MaskPoint> qpts(bm), kpts(span);
-    for (int64_t task; (task = queue.pop()) >= 0;) {
-      const int i = p.n_qt - 1 - static_cast<int>(task % p.n_qt);  // the costlier (later) tiles first
-      const int64_t bh = task / p.n_qt, b = bh / p.H, h = bh % p.H;
-      const int q0 = i * bm, mq = std::min(bm, p.n_rows - q0);
-      fill_rows(p.m, q0, q0 + mq, qrows.data());
-      fill_points(p.m, qrows.data(), mq, qpts.data());
-      int64_t ldq, ldg, ldk, ldv;
-      const float* qv = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
-      pack_transposed(mq, D, qv, ldq, qt.data(), mq);
-      const float* gv = load_rows(dO.slice(b, h), dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
-      pack_transposed(mq, D, gv, ldg, gt.data(), mq);
-      query_stats(p, bh, qrows.data(), mq, LSE, DELTA, lse.data(), delta.data());
-      std::fill(acc.begin(), acc.begin() + mq * D, 0.f);
-      const int end_e = kv.indptr[i + 1];
-      for (int e = kv.indptr[i]; e < end_e;) {
-        const Span sp = next_span(kv, e, end_e, span_tiles);
-        e = sp.e1;
-        const int k0 = sp.t0 * bn, nk = std::min((sp.e1 - sp.e0) * bn, p.n_rows - k0);
-        fill_rows(p.m, k0, k0 + nk, krows.data());
-        const float* kt = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
-        const float* vt = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
-        gemm_nt(nk, mq, D, p.scale, kt, ldk, qt.data(), mq, s.data(), mq);
-        for (int ee = sp.e0; ee < sp.e1; ++ee) {
-          if (!kv.partial[ee]) continue;
-          const int c0 = (ee - sp.e0) * bn;
-          const int nc = std::min(bn, nk - c0);
-          fill_points(p.m, krows.data() + c0, nc, kpts.data());
-          apply_mask<true>(p.m, kpts.data(), nc, qpts.data(), mq, s.data() + c0 * mq, mq);
-        }
-        gemm_nt(nk, mq, D, 1.f, vt, ldv, gt.data(), mq, dp.data(), mq);
-        ds_cols(s.data(), dp.data(), nk, mq, mq, lse.data(), delta.data());
-        gemm_nn(mq, D, nk, s.data(), 1, mq, kt, ldk, acc.data(), D);
-      }
-      for (int t = 0; t < mq; ++t)
-        if (qrows[t] < p.L) store_row(dq, b, h, qrows[t], p.L, p.H, D, acc.data() + t * D, p.scale);
-    }
-  });
-}
+struct DqWorker {
+  const BackwardArgs<T>& a;
+  const int D, bm, bn, span_tiles, span;
+  std::vector<float> qbuf, gbuf, obuf, qt, gt, kbuf, vbuf, s, dp, acc, lse, delta;
+  std::vector<int> qrows, krows;
+  std::vector<MaskPoint> qpts, kpts;
 
-// dK, dV: per key tile, over spans of the query tiles that visit it: S = Q K^T, P = exp(S - lse),
+  explicit DqWorker(const BackwardArgs<T>& args)
+      : a(args), D(args.p.D), bm(args.p.bm), bn(args.p.bn), span_tiles(std::max(1, kSpan / bn)),
+        span(span_tiles * bn), qbuf(bm * D), gbuf(bm * D), obuf(bm * D), qt(D * bm), gt(D * bm), kbuf(span * D),
+        vbuf(span * D), s(span * bm), dp(span * bm), acc(bm * D), lse(bm), delta(bm), qrows(bm), krows(span),
+        qpts(bm), kpts(bn) {}
+
+  void operator()(int64_t task) {
+    const Problem& p = a.p;
+    const int i = p.n_qt - 1 - static_cast<int>(task % p.n_qt);  // the costlier (later) tiles first
+    const int64_t bh = task / p.n_qt, b = bh / p.H, h = bh % p.H;
+    const int q0 = i * bm, mq = std::min(bm, p.n_rows - q0);
+    fill_rows(p.m, q0, q0 + mq, qrows.data());
+    fill_points(p.m, qrows.data(), mq, qpts.data());
+    int64_t ldq, ldg, ldo, ldk, ldv;
+    const float* qv = load_rows(a.Q.slice(b, h), a.Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
+    pack_transposed(mq, D, qv, ldq, qt.data(), mq);
+    const float* gv = load_rows(a.dO.slice(b, h), a.dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
+    pack_transposed(mq, D, gv, ldg, gt.data(), mq);
+    const float* ov = load_rows(a.O.slice(b, h), a.O.sl, p.m, qrows.data(), mq, D, obuf.data(), &ldo);
+    query_stats(p, bh, qrows.data(), mq, a.LSE, gv, ldg, ov, ldo, lse.data(), delta.data());
+    std::fill(acc.begin(), acc.begin() + mq * D, 0.f);
+    const int end_e = a.kv.indptr[i + 1];
+    for (int e = a.kv.indptr[i]; e < end_e;) {
+      const Span sp = next_span(a.kv, e, end_e, span_tiles);
+      e = sp.e1;
+      const int k0 = sp.t0 * bn, nk = std::min((sp.e1 - sp.e0) * bn, p.n_rows - k0);
+      fill_rows(p.m, k0, k0 + nk, krows.data());
+      const float* kt = load_rows(a.K.slice(b, h), a.K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
+      const float* vt = load_rows(a.V.slice(b, h), a.V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
+      gemm_nt(nk, mq, D, p.scale, kt, ldk, qt.data(), mq, s.data(), mq);
+      for (int ee = sp.e0; ee < sp.e1; ++ee) {
+        if (!a.kv.partial[ee]) continue;
+        const int c0 = (ee - sp.e0) * bn;
+        const int nc = std::min(bn, nk - c0);
+        fill_points(p.m, krows.data() + c0, nc, kpts.data());
+        apply_mask<true>(p.m, kpts.data(), nc, qpts.data(), mq, s.data() + c0 * mq, mq);
+      }
+      gemm_nt(nk, mq, D, 1.f, vt, ldv, gt.data(), mq, dp.data(), mq);
+      ds_cols(s.data(), dp.data(), nk, mq, mq, lse.data(), delta.data());
+      gemm_nn(mq, D, nk, s.data(), 1, mq, kt, ldk, acc.data(), D);
+    }
+    for (int t = 0; t < mq; ++t)
+      if (qrows[t] < p.L) store_row(a.dq, b, h, qrows[t], p.L, p.H, D, acc.data() + t * D, p.scale);
+  }
+};
+
+// dK, dV of one key tile, over spans of the query tiles that visit it: S = Q K^T, P = exp(S - lse),
 // dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q (K^T and V^T packed once per task; the
 // queries read in place).
 template <typename T>
-void backward_dkv(const Problem& p, const Csr& qc, const Operand<T>& Q, const Operand<T>& K, const Operand<T>& V,
-                  const Operand<T>& dO, const float* LSE, const float* DELTA, T* dk, T* dv) {
-  const int D = p.D, bm = p.bm, bn = p.bn;
-  const int span_tiles = std::max(1, kSpan / bm), span = span_tiles * bm;
-  parallel_tasks(p.B * p.H * p.n_kt, [&](TaskQueue& queue) {
-    std::vector<float> kbuf(bn * D), vbuf(bn * D), kt(D * bn), vt(D * bn), qbuf(span * D), gbuf(span * D);
-    std::vector<float> s(span * bn), dp(span * bn), dk_acc(bn * D), dv_acc(bn * D), lse(span), delta(span);
-    std::vector<int> krows(bn), qrows(span);
-    std::vector<MaskPoint> kpts(bn), qpts(span);
-    for (int64_t task; (task = queue.pop()) >= 0;) {
-      const int j = static_cast<int>(task % p.n_kt);  // the costlier (earlier, text) tiles first
-      const int64_t bh = task / p.n_kt, b = bh / p.H, h = bh % p.H;
-      const int k0 = j * bn, nk = std::min(bn, p.n_rows - k0);
-      fill_rows(p.m, k0, k0 + nk, krows.data());
-      fill_points(p.m, krows.data(), nk, kpts.data());
-      int64_t ldk, ldv, ldq, ldg;
-      const float* kv = load_rows(K.slice(b, h), K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
-      pack_transposed(nk, D, kv, ldk, kt.data(), nk);
-      const float* vv = load_rows(V.slice(b, h), V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
-      pack_transposed(nk, D, vv, ldv, vt.data(), nk);
-      std::fill(dk_acc.begin(), dk_acc.begin() + nk * D, 0.f);
-      std::fill(dv_acc.begin(), dv_acc.begin() + nk * D, 0.f);
-      const int end_e = qc.indptr[j + 1];
-      for (int e = qc.indptr[j]; e < end_e;) {
-        const Span sp = next_span(qc, e, end_e, span_tiles);
-        e = sp.e1;
-        const int q0 = sp.t0 * bm, mq = std::min((sp.e1 - sp.e0) * bm, p.n_rows - q0);
-        fill_rows(p.m, q0, q0 + mq, qrows.data());
-        const float* qv = load_rows(Q.slice(b, h), Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
-        const float* gv = load_rows(dO.slice(b, h), dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
-        query_stats(p, bh, qrows.data(), mq, LSE, DELTA, lse.data(), delta.data());
-        gemm_nt(mq, nk, D, p.scale, qv, ldq, kt.data(), nk, s.data(), nk);  // S [mq, nk]
-        for (int ee = sp.e0; ee < sp.e1; ++ee) {
-          if (!qc.partial[ee]) continue;
-          const int r0 = (ee - sp.e0) * bm;
-          const int nr = std::min(bm, mq - r0);
-          fill_points(p.m, qrows.data() + r0, nr, qpts.data());
-          apply_mask<false>(p.m, qpts.data(), nr, kpts.data(), nk, s.data() + r0 * nk, nk);
-        }
-        p_rows(s.data(), mq, nk, nk, lse.data());
-        gemm_nn(nk, D, mq, s.data(), 1, nk, gv, ldg, dv_acc.data(), D);  // dV += P^T dO
-        gemm_nt(mq, nk, D, 1.f, gv, ldg, vt.data(), nk, dp.data(), nk);  // dP [mq, nk]
-        ds_rows(s.data(), dp.data(), mq, nk, nk, delta.data());
-        gemm_nn(nk, D, mq, s.data(), 1, nk, qv, ldq, dk_acc.data(), D);  // dK += dS^T Q
+struct DkvWorker {
+  const BackwardArgs<T>& a;
+  const int D, bm, bn, span_tiles, span;
+  std::vector<float> kbuf, vbuf, kt, vt, qbuf, gbuf, obuf, s, dp, dk_acc, dv_acc, lse, delta;
+  std::vector<int> krows, qrows;
+  std::vector<MaskPoint> kpts, qpts;
+
+  explicit DkvWorker(const BackwardArgs<T>& args)
+      : a(args), D(args.p.D), bm(args.p.bm), bn(args.p.bn), span_tiles(std::max(1, kSpan / bm)),
+        span(span_tiles * bm), kbuf(bn * D), vbuf(bn * D), kt(D * bn), vt(D * bn), qbuf(span * D), gbuf(span * D),
+        obuf(span * D), s(span * bn), dp(span * bn), dk_acc(bn * D), dv_acc(bn * D), lse(span), delta(span),
+        krows(bn), qrows(span), kpts(bn), qpts(bm) {}
+
+  void operator()(int64_t task) {
+    const Problem& p = a.p;
+    const int j = static_cast<int>(task % p.n_kt);  // the costlier (earlier, text) tiles first
+    const int64_t bh = task / p.n_kt, b = bh / p.H, h = bh % p.H;
+    const int k0 = j * bn, nk = std::min(bn, p.n_rows - k0);
+    fill_rows(p.m, k0, k0 + nk, krows.data());
+    fill_points(p.m, krows.data(), nk, kpts.data());
+    int64_t ldk, ldv, ldq, ldg, ldo;
+    const float* kv = load_rows(a.K.slice(b, h), a.K.sl, p.m, krows.data(), nk, D, kbuf.data(), &ldk);
+    pack_transposed(nk, D, kv, ldk, kt.data(), nk);
+    const float* vv = load_rows(a.V.slice(b, h), a.V.sl, p.m, krows.data(), nk, D, vbuf.data(), &ldv);
+    pack_transposed(nk, D, vv, ldv, vt.data(), nk);
+    std::fill(dk_acc.begin(), dk_acc.begin() + nk * D, 0.f);
+    std::fill(dv_acc.begin(), dv_acc.begin() + nk * D, 0.f);
+    const int end_e = a.qc.indptr[j + 1];
+    for (int e = a.qc.indptr[j]; e < end_e;) {
+      const Span sp = next_span(a.qc, e, end_e, span_tiles);
+      e = sp.e1;
+      const int q0 = sp.t0 * bm, mq = std::min((sp.e1 - sp.e0) * bm, p.n_rows - q0);
+      fill_rows(p.m, q0, q0 + mq, qrows.data());
+      const float* qv = load_rows(a.Q.slice(b, h), a.Q.sl, p.m, qrows.data(), mq, D, qbuf.data(), &ldq);
+      const float* gv = load_rows(a.dO.slice(b, h), a.dO.sl, p.m, qrows.data(), mq, D, gbuf.data(), &ldg);
+      const float* ov = load_rows(a.O.slice(b, h), a.O.sl, p.m, qrows.data(), mq, D, obuf.data(), &ldo);
+      query_stats(p, bh, qrows.data(), mq, a.LSE, gv, ldg, ov, ldo, lse.data(), delta.data());
+      gemm_nt(mq, nk, D, p.scale, qv, ldq, kt.data(), nk, s.data(), nk);  // S [mq, nk]
+      for (int ee = sp.e0; ee < sp.e1; ++ee) {
+        if (!a.qc.partial[ee]) continue;
+        const int r0 = (ee - sp.e0) * bm;
+        const int nr = std::min(bm, mq - r0);
+        fill_points(p.m, qrows.data() + r0, nr, qpts.data());
+        apply_mask<false>(p.m, qpts.data(), nr, kpts.data(), nk, s.data() + r0 * nk, nk);
       }
-      for (int a = 0; a < nk; ++a) {
-        if (krows[a] >= p.L) continue;
-        store_row(dk, b, h, krows[a], p.L, p.H, D, dk_acc.data() + a * D, p.scale);
-        store_row(dv, b, h, krows[a], p.L, p.H, D, dv_acc.data() + a * D, 1.f);
-      }
+      p_rows(s.data(), mq, nk, nk, lse.data());
+      gemm_nn(nk, D, mq, s.data(), 1, nk, gv, ldg, dv_acc.data(), D);  // dV += P^T dO
+      gemm_nt(mq, nk, D, 1.f, gv, ldg, vt.data(), nk, dp.data(), nk);  // dP [mq, nk]
+      ds_rows(s.data(), dp.data(), mq, nk, nk, delta.data());
+      gemm_nn(nk, D, mq, s.data(), 1, nk, qv, ldq, dk_acc.data(), D);  // dK += dS^T Q
     }
+    for (int r = 0; r < nk; ++r) {
+      if (krows[r] >= p.L) continue;
+      store_row(a.dk, b, h, krows[r], p.L, p.H, D, dk_acc.data() + r * D, p.scale);
+      store_row(a.dv, b, h, krows[r], p.L, p.H, D, dv_acc.data() + r * D, 1.f);
+    }
+  }
+};
+
+template <typename T>
+void backward(const BackwardArgs<T>& args) {
+  const int64_t n_dkv = args.p.B * args.p.H * args.p.n_kt, n_dq = args.p.B * args.p.H * args.p.n_qt;
+  parallel_tasks(n_dkv + n_dq, [&](TaskQueue& queue) {
+    DkvWorker<T> dkv(args);  // dK/dV tasks first: four GEMMs a span against the dQ tasks' three
+    DqWorker<T> dq(args);
+    for (int64_t task; (task = queue.pop()) >= 0;) task < n_dkv ? dkv(task) : dq(task - n_dkv);
   });
 }
 
@@ -914,14 +920,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   if (p.B * p.H == 0) return result();
   const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
   const at::Tensor g = unit_last(grad_in), o = unit_last(out_in), lse = lse_in.contiguous();
-  at::Tensor delta = at::empty({p.B, p.H, p.L}, q_in.options().dtype(at::kFloat));
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const Operand<T> Q = operand<T>(q), K = operand<T>(k), V = operand<T>(v), G = operand<T>(g), O = operand<T>(o);
-    compute_delta<T>(p, G, O, delta.data_ptr<float>());
-    backward_dq<T>(p, kv, Q, K, V, G, lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<T>());
-    backward_dkv<T>(p, qc, Q, K, V, G, lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<T>(),
-                    dv.data_ptr<T>());
+    backward<T>(BackwardArgs<T>{p, kv, qc, operand<T>(q), operand<T>(k), operand<T>(v), operand<T>(g), operand<T>(o),
+                                lse.data_ptr<float>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>()});
   });
   return result();
 }
