@@ -3,33 +3,38 @@
 //
 // Work. The tile layout (CSR arrays from dalle_fast.masks.tile_layout) lists, per query tile of the
 // processing order, the key tiles to visit and whether each needs the element mask. Consecutive visited
-// tiles (j, j+1, ...) are merged into one span of at most kSpanKeys keys, so that one GEMM covers them (the
-// text prefix of every query tile is such a run): the tiles of a span stay the unit of masking, the span
-// only that of the GEMM calls. Everything else is never touched: no [L, L] buffer exists, only per-thread
-// tile buffers ([block_m, span] scores, [span, D] operands).
-//   forward   per (batch, head, query tile): S = scale * Q K^T of a span, the element mask on its partial
-//             tiles, the online softmax (attention.h's -inf-safe helpers), acc += P V; out = acc / l and
-//             lse = m + log(l) at the end.
-//   backward  FlashAttention-2 in two passes without atomics (deterministic):
-//             delta[r] = sum_d dO[r, d] out[r, d] first (a [B, H, L] fp32 vector);
-//             dQ  per (batch, head, query tile), over key spans: P = exp(S - lse), dP = dO V^T,
-//                 dS = P (dP - delta), dQ += dS K;
+// tiles (j, j+1, ...) are merged into one span of at most kSpan rows, so that one GEMM call covers them (the
+// text prefix of every query tile is such a run): the tiles of a span stay the unit of masking
+// (processing_allowed_points of attention.h, on partial tiles only), the span only that of the GEMM calls.
+// Skipped tiles are never touched; no [L, L] buffer exists, only per-thread tile buffers ([span, block]
+// scores, [span, D] operands).
+//   forward   per (batch, head, query tile), over key spans: S^T = scale * K Q^T, the element mask, the
+//             online softmax on vectors of queries (attention.h's -inf-safe helpers), acc += P V; at the end
+//             out = acc / l and lse = m + log(l).
+//   backward  FlashAttention-2 without atomics (deterministic), one task list in one parallel region:
 //             dK, dV  per (batch, head, key tile), over spans of the query tiles that visit it (q_* arrays):
-//                 P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
-//             dQ and dK carry the softmax scale at the end.
-// Everything accumulates in fp32; fp16 and bf16 inputs are converted to fp32 when their rows are packed.
+//                     P = exp(S - lse), dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q;
+//             dQ      per (batch, head, query tile), over key spans: the same P and dS, transposed,
+//                     dQ += dS K;
+//             each task computes delta = rowsum(dO * out) of its own query rows; dQ and dK take the softmax
+//             scale at the end. The tasks are handed out dynamically to torch's threads (parallel_tasks).
+// Everything accumulates in fp32; fp16 and bf16 rows are converted to fp32 when they are packed. P and dS
+// stay fp32.
 //
 // Rows. Processing position p lives at raster row processing_row(p) of q, k, v, out (a column layer runs on
 // the column-major image order); rows at or past L are absent: never loaded (packed as zeros), never
 // stored, masked (the layout marks their tiles partial). A span whose rows are evenly spaced and present
 // is read in place when the tensor is fp32 (its row stride is the GEMM's leading dimension: the text
-// prefix, every span of the raster kinds, a column's image rows); other spans are packed.
+// prefix, every span of the raster kinds, a column's image rows); other spans are packed. Only the task's
+// own tile is transposed (Q^T in the forward and dQ, K^T and V^T in dK/dV): the scores of a span are
+// computed against it, so no span is ever repacked.
 //
-// GEMMs. The tiles go through the BLAS sgemm that torch is linked with (MKL in the x86 wheels; what ATen's
-// own CPU flash attention uses through cpublas::gemm, which is not exported to extensions). When no
-// sgemm_ symbol can be found at load time, plain loops take over (correct, slow). Element-wise loops
-// (max, exp, sums) are written over lanes so that they vectorise, and compiled for AVX-512, AVX2 and
-// baseline x86-64 by target_clones, picked at load time.
+// GEMMs. Our own register-blocked AVX-512 micro-kernels (8 x 32 for the score GEMMs, 4 x 64 for the
+// accumulating ones), with portable loops (target_clones: AVX2, baseline) elsewhere; both give each
+// element as fused multiply-add chains in a fixed order, which the backward relies on (see "Tile GEMMs").
+// torch's cpublas::gemm, which ATen's own CPU flash attention uses, is not exported to extensions; the
+// tiles are also too small for a BLAS call's fixed cost. The exp of the softmax is math.h's
+// exp_finite_or_zero on 16 lanes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
