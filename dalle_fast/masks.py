@@ -11,12 +11,11 @@ block-diagonal (blocks of H image positions), so a query tile meets one or two i
 all of them. Processing position p maps to the raster row `processing_row(p)`; positions whose raster row is
 at or past the sequence length (a prefix of the layout, as training feeds 1279 of 1280 positions) are absent.
 
-Render a mask and its tile layout to PNG:
+Render a mask and its tile layout to PNG (dalle_fast/mask_picture.py):
 
-    python -m dalle_fast.masks --kind conv --text-len 16 --grid 8 8 --block 16 --out conv.png
+    python -m dalle_fast.mask_picture --kind conv --text-len 16 --grid 8 8 --block 16 --out conv.png
 """
 
-import argparse
 import dataclasses
 import functools
 import struct
@@ -209,7 +208,7 @@ def tile_layout(
 # Pictures ------------------------------------------------------------------------------------------------
 
 
-def _png(path: str, rgb: torch.Tensor) -> None:
+def write_png(path: str, rgb: torch.Tensor) -> None:
     """Write uint8 [H, W, 3] as a PNG (no imaging library needed)."""
     h, w, _ = rgb.shape
     raw = b"".join(b"\x00" + bytes(rgb[y].flatten().tolist()) for y in range(h))
@@ -246,29 +245,3 @@ def render(kind, text_len, grid_h, grid_w, *, block=16, kernel=11, conv_variant=
     gap = torch.full((n, 8, 3), 255, dtype=torch.uint8)
     pic = torch.cat([left, gap, right], dim=1)
     return pic.repeat_interleave(pixel, 0).repeat_interleave(pixel, 1)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dalle_fast.masks", description=render.__doc__)
-    ap.add_argument("--kind", choices=KINDS, default="row")
-    ap.add_argument("--text-len", type=int, default=16)
-    ap.add_argument("--grid", type=int, nargs=2, default=(8, 8), metavar=("H", "W"))
-    ap.add_argument("--kernel", type=int, default=11)
-    ap.add_argument("--conv-variant", choices=CONV_VARIANTS, default="clipped")
-    ap.add_argument("--block", type=int, default=16, help="tile size of the layout shown")
-    ap.add_argument("--pixel", type=int, default=2, help="pixels per mask element")
-    ap.add_argument("--out", required=True, help="PNG file to write")
-    args = ap.parse_args(argv)
-    pic = render(args.kind, args.text_len, *args.grid, block=args.block, kernel=args.kernel,
-                 conv_variant=args.conv_variant, pixel=args.pixel)  # fmt: skip
-    _png(args.out, pic)
-    lay = tile_layout(args.kind, args.text_len, *args.grid, block_m=args.block, block_n=args.block,
-                      kernel=args.kernel, conv_variant=args.conv_variant)  # fmt: skip
-    print(f"{args.out}: {args.kind} mask, L={lay.seq_len}, {args.block}x{args.block} tiles: "
-          f"{(lay.classes == FULL).sum().item()} full, {(lay.classes == PARTIAL).sum().item()} partial, "
-          f"{(lay.classes == EMPTY).sum().item()} empty ({lay.computed_fraction:.1%} computed)")  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

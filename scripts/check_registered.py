@@ -7,7 +7,9 @@ import sys
 import torch
 
 import dalle_fast
-from dalle_fast.ops.gumbel import OPS
+from dalle_fast.ops import attention, gumbel
+
+OPS = gumbel.OPS + attention.OPS
 
 if dalle_fast.extension_error:
     sys.exit(f"dalle_fast._C did not load: {dalle_fast.extension_error}")

@@ -13,3 +13,8 @@ __all__ = [
     "sparse_attention",
     "uniform_from_uint32",
 ]
+
+# The dVAE's losses and quantizer (issue 5).
+from .dvae import categorical_kl_uniform, gumbel_quantize, logit_laplace_nll  # noqa: E402
+
+__all__ += ["categorical_kl_uniform", "gumbel_quantize", "logit_laplace_nll"]
