@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE_BACKENDS
 from tolerances import assert_close
 
 from dalle_fast import masks, ops
@@ -315,6 +316,36 @@ def test_linear_cross_entropy_bad_input():
         ops.linear_cross_entropy(x, w, None, t, chunk_size=0)
     with pytest.raises(ops.BackendUnavailable, match="no cpp kernel yet"):
         ops.linear_cross_entropy(x, w, None, t, backend="cpp")
+
+
+# Backends ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_backends_give_the_eager_loss_and_gradients(device, backend):
+    # fp32 where the backend serves it (cpu, triton); the cuda kernels run fp16 / bf16 only: bf16 there.
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    c = DALLEConfig.tiny()  # head size 32: the kernels' sizes; every layer kind of the schedule
+    torch.manual_seed(0)
+    ref = randomize_(DALLE(c, compute_dtype=dtype, backend="eager")).to(device)
+    model = DALLE(c, compute_dtype=dtype, backend=backend).to(device)
+    model.load_state_dict(ref.state_dict())
+    text, image = (t.to(device) for t in random_tokens(c, 2, n_pads=5))
+    results = []
+    for m in (ref, model):
+        out = m(text, image)
+        out.loss.backward()
+        results.append((out, [p.grad for p in m.parameters()]))
+    (want, g_want), (got, g_got) = results
+    if dtype == torch.float32:
+        for a, b in zip(got, want):
+            assert_close(a, b, torch.float32, scale=10)
+        for a, b in zip(g_got, g_want):
+            assert_close(a, b, torch.float32, scale=100)
+    else:
+        assert abs(got.loss.item() - want.loss.item()) < 1e-2 * want.loss.item()
+        for a, b in zip(g_got, g_want):
+            assert (a - b).norm() <= 5e-2 * b.norm() + 1e-6
 
 
 # Checkpointing, precision, bad input ---------------------------------------------------------------------
