@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE_BACKENDS
+from conftest import DEVICE_BACKENDS, KERNEL_DEVICE_BACKENDS
 from tolerances import assert_close
 
 from dalle_fast import masks, ops
@@ -346,6 +346,23 @@ def test_backends_give_the_eager_loss_and_gradients(device, backend):
         assert abs(got.loss.item() - want.loss.item()) < 1e-2 * want.loss.item()
         for a, b in zip(g_got, g_want):
             assert (a - b).norm() <= 5e-2 * b.norm() + 1e-6
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d, b in KERNEL_DEVICE_BACKENDS if b != "triton"])
+def test_compiles_as_one_graph(device, backend):
+    # aot_eager: graph capture and the autograd graph (the registered ops are opaque) without codegen time.
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    c = DALLEConfig.tiny(n_layers=2)
+    model = randomize_(DALLE(c, compute_dtype=dtype, backend=backend)).to(device)
+    text, image = (t.to(device) for t in random_tokens(c, 2))
+    want = model(text, image)
+    g_want = torch.autograd.grad(want.loss, list(model.parameters()))
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(text, image)
+    g_got = torch.autograd.grad(got.loss, list(model.parameters()))
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float32, scale=10)
+    for a, b in zip(g_got, g_want):
+        assert_close(a, b, torch.float32, scale=100)
 
 
 # Checkpointing, precision, bad input ---------------------------------------------------------------------
