@@ -160,7 +160,8 @@ def _sparse_attention_fwd_kernel(
 ):
     """Forward of one query tile of one (b, h): out and lse of its present rows.
 
-    Grid: (cdiv(n_rows, BLOCK_M), B * H).
+    Grid: (cdiv(n_rows, BLOCK_M), B * H); program p0 takes query tile n_q_tiles - 1 - p0, so that the tiles that
+    visit the most key tiles (the last ones: causal masks) start first and the light text tiles fill the tail.
     q_ptr, k_ptr, v_ptr: [B, H, L, D] fp16/bf16/fp32, any strides. out_ptr: [B, H, L, D] in q's dtype (strides
     of the launcher's [B, L, H, D] allocation). lse_ptr: [B, H, L] fp32 contiguous. kv_indptr_ptr
     [n_q_tiles + 1], kv_index_ptr / kv_partial_ptr [n_visits]: int32 tile layout. H: heads; seq_len: L;
@@ -175,7 +176,7 @@ def _sparse_attention_fwd_kernel(
     out = acc / l and lse = (m + log2 l) ln 2; a row without allowed keys (never a present row: each sees
     itself) would get lse = -inf.
     """
-    tile = tl.program_id(0)
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -428,14 +429,16 @@ def _sparse_attention_bwd_dq_kernel(
 ):
     """dQ of one query tile of one (b, h), over the key tiles it visits (the forward's walk, recomputing P).
 
-    Grid: (cdiv(n_rows, BLOCK_M), B * H). Arguments as in _sparse_attention_bwd_dkdv_kernel, with dq_ptr
+    Grid: (cdiv(n_rows, BLOCK_M), B * H), query tiles in reverse as in the forward (heaviest first; the dK/dV
+    grid's natural order is already heaviest first: early key tiles are seen by every later query tile).
+    Arguments as in _sparse_attention_bwd_dkdv_kernel, with dq_ptr
     [B, H, L, D] in q's dtype and the forward's kv_* layout. Each key tile is taken in BLOCK_N // SUB_N chunks
     of SUB_N keys (one flat loop):
         P = exp2(qk_scale q k^T - log2(e) lse)    [BLOCK_M, SUB_N], 0 where masked (partial tiles only)
         dP = dO v^T;  dS = P (dP - delta);  dQ += dS k
     and finally dQ *= scale.
     """
-    tile = tl.program_id(0)
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)

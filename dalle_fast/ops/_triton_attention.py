@@ -75,13 +75,13 @@ def _half(bm, bn, fwd, dkdv, dq, pre):
 _HALF_CONFIGS = {
     # D: (block_m, block_n, (fwd warps, stages), (dkdv sub_m, warps, stages), (dq sub_n, warps, stages), (rows, warps))
     32: _half(64, 64, (4, 3), (64, 4, 3), (64, 4, 3), (128, 4)),
-    64: _half(64, 64, (4, 3), (64, 4, 3), (64, 4, 3), (128, 4)),
+    64: _half(64, 64, (4, 3), (32, 4, 3), (64, 4, 3), (128, 4)),
     128: _half(64, 64, (4, 3), (32, 8, 2), (32, 8, 2), (64, 4)),
 }
 _FP32_CONFIGS = {
-    32: _half(64, 64, (4, 2), (32, 4, 2), (32, 4, 2), (128, 4)),
-    64: _half(64, 64, (8, 2), (32, 8, 2), (32, 8, 2), (128, 4)),
-    128: _half(64, 64, (8, 2), (16, 8, 1), (16, 8, 1), (64, 4)),
+    32: _half(64, 64, (8, 2), (32, 8, 1), (32, 8, 2), (64, 4)),
+    64: _half(64, 64, (4, 2), (16, 8, 2), (16, 8, 2), (64, 4)),
+    128: _half(64, 64, (8, 2), (16, 8, 2), (16, 8, 2), (32, 4)),
 }
 CONFIGS: dict[tuple[int, torch.dtype], AttentionConfig] = {
     **{(d, torch.float16): c for d, c in _HALF_CONFIGS.items()},
@@ -108,14 +108,15 @@ def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def launch_config(head_dim: int, dtype: torch.dtype, block_m: int, block_n: int) -> AttentionConfig:
-    """The table's row adapted to the tile actually launched (the tests pass small tiles): sub-chunks never
-    exceed the tile, and tiles under 64 rows (below one wgmma M) take at most 4 warps."""
+    """The table's row adapted to the tile actually launched (the tests pass 16 x 16 tiles): sub-chunks never
+    exceed the tile, and tiles under 64 rows (below one wgmma M) take 2 warps (a 16-row tile is 2 mma.sync M
+    blocks; with 4 warps ptxas left an 8-byte spill in the fp32 D=128 column dQ kernel)."""
     c = config(head_dim, dtype)
     if (block_m, block_n) == (c.block_m, c.block_n):
         return c
 
     def warps(w, rows):
-        return min(w, 4) if rows < 64 else w
+        return min(w, 2) if rows < 64 else w
 
     sub_m, sub_n = min(c.dkdv_sub_m, block_m), min(c.dq_sub_n, block_n)
     return c._replace(
@@ -249,6 +250,12 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _interpreter_bf16(q: torch.Tensor) -> bool:
+    """bf16 arithmetic (tl.dot included) is wrong under the Triton interpreter: there, bf16 calls run the fp32
+    kernels on fp32 copies and round the results to bf16 (on the GPU, bf16 runs natively)."""
+    return q.dtype == torch.bfloat16 and q.device.type == "cpu" and _interpreting()
+
+
 def _blhd_empty(q: torch.Tensor) -> torch.Tensor:
     """Memory [B, L, H, D] viewed as [B, H, L, D]."""
     b, h, n, d = q.shape
@@ -276,6 +283,10 @@ def sparse_attention_fwd(q, k, v, kv_indptr, kv_index, kv_partial, kind, text_le
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     if B * H == 0 or L == 0:
         return out, lse
+    if _interpreter_bf16(q):
+        out32, lse = sparse_attention_fwd(q.float(), k.float(), v.float(), kv_indptr, kv_index, kv_partial, kind,
+                                          text_len, grid_h, grid_w, kernel, torus, scale, block_m, block_n)  # fmt: skip
+        return out.copy_(out32), lse
     n_q_tiles = _cdiv(n_rows, block_m)
     _check_csr(op, "kv", q, kv_indptr, kv_index, kv_partial, n_q_tiles, "block_m")
     grid = (n_q_tiles, _grid_y(op, q))
@@ -312,6 +323,11 @@ def sparse_attention_bwd(grad_out, q, k, v, out, lse, kv_indptr, kv_index, kv_pa
     dq, dk, dv = _blhd_empty(q), _blhd_empty(q), _blhd_empty(q)
     if B * H == 0 or L == 0:
         return dq, dk, dv
+    if _interpreter_bf16(q):
+        grads = sparse_attention_bwd(grad_out.float(), q.float(), k.float(), v.float(), out.float(), lse, kv_indptr,
+                                     kv_index, kv_partial, q_indptr, q_index, q_partial, kind, text_len, grid_h,
+                                     grid_w, kernel, torus, scale, block_m, block_n)  # fmt: skip
+        return tuple(g.copy_(g32) for g, g32 in zip((dq, dk, dv), grads))
     n_q_tiles, n_k_tiles = _cdiv(n_rows, block_m), _cdiv(n_rows, block_n)
     _check_csr(op, "kv", q, kv_indptr, kv_index, kv_partial, n_q_tiles, "block_m")
     _check_csr(op, "q", q, q_indptr, q_index, q_partial, n_k_tiles, "block_n")
