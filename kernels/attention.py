@@ -45,12 +45,20 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _divmod(x, d):
+    """(x // d, x % d) for x >= 0 with one division (integer division by a runtime value is a long instruction
+    sequence on the GPU; these run on [M] / [N] position vectors, never on whole tiles)."""
+    quot = x // d
+    return quot, x - quot * d
+
+
+@triton.jit
 def _processing_row(p, text_len, grid_h, grid_w, KIND: tl.constexpr):
     """Memory (raster) row of processing position p: identity except for column layers, whose image part is
     stored raster-major but processed column-major (i = p - text_len: row i % grid_h, column i // grid_h)."""
     if KIND == 2:
-        i = p - text_len
-        return tl.where(p < text_len, p, text_len + (i % grid_h) * grid_w + i // grid_h)
+        col, row = _divmod(tl.maximum(p - text_len, 0), grid_h)
+        return tl.where(p < text_len, p, text_len + row * grid_w + col)
     else:
         return p
 
@@ -65,19 +73,22 @@ def _present(p, r, n_rows, seq_len):
 def _raster_allowed(rq, rk, text_len, grid_h, grid_w, half, KIND: tl.constexpr, TORUS: tl.constexpr):
     """attention.h's raster_allowed: causal; text keys allowed to every later query; between image positions
     (i = r - text_len, row i // grid_w, column i % grid_w) the rule of the kind. rq and rk broadcast (e.g.
-    [M, 1] and [1, N]): the divisions run on the vectors, the comparisons on the tile. Positions before
-    text_len give negative image indices whose results are discarded by the text-key clause."""
+    [M, 1] and [1, N]): the divisions run on the vectors, the comparisons on the tile. Image indices are
+    clamped at 0: a text query (rq < text_len) never meets an image key causally, so the image rule only
+    matters where both indices are >= 0."""
     ok = rk <= rq
     if KIND != 0:
-        iq = rq - text_len
-        ik = rk - text_len
+        iq = tl.maximum(rq - text_len, 0)
+        ik = tl.maximum(rk - text_len, 0)
         if KIND == 1:
             image = iq - ik <= grid_w
         elif KIND == 2:
             image = (iq % grid_w) == (ik % grid_w)
         else:
-            dr = tl.abs(iq // grid_w - ik // grid_w)
-            dc = tl.abs(iq % grid_w - ik % grid_w)
+            row_q, col_q = _divmod(iq, grid_w)
+            row_k, col_k = _divmod(ik, grid_w)
+            dr = tl.abs(row_q - row_k)
+            dc = tl.abs(col_q - col_k)
             if TORUS:
                 dr = tl.minimum(dr, grid_h - dr)
                 dc = tl.minimum(dc, grid_w - dc)

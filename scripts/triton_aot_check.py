@@ -172,20 +172,22 @@ def _load_attention_launcher():
 def _attention_jobs(quick: bool) -> list[tuple]:
     """Every configuration of the sparse-attention launch table (each head size and dtype, each kind flag
     combination the kernels specialise on: KIND 0..3, TORUS for conv), plus the 16 x 16 tiles the GPU run of
-    the tests launches. Contiguous last dims (stride 1, specialised as the JIT does), 16-byte aligned pointers
-    and strides divisible by 16 (as the JIT sees q, k, v of head size >= 32 and our own outputs)."""
+    the tests launches (--quick: fp16 and fp32, row and torus conv only). Contiguous last dims (stride 1,
+    specialised as the JIT does), 16-byte aligned pointers and strides divisible by 16 (as the JIT sees q, k, v
+    of head size >= 32 and our own outputs)."""
     import torch
 
     launch = _load_attention_launcher()
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     kinds = [(0, False), (1, False), (2, False), (3, False), (3, True)]
-    entries = [(d, dt, launch.launch_config(d, dt, *launch.block_sizes(d, dt))) for d, dt in launch.CONFIGS]
-    # the tests' small tiles (tests/test_sparse_attention.py::_blocks) on the GPU: fp16 and fp32, every head size
-    entries += [(d, dt, launch.launch_config(d, dt, 16, 16)) for d in launch.HEAD_DIMS
-                for dt in (torch.float16, torch.float32)]  # fmt: skip
+    entries = [(d, dt, launch.launch_config(d, dt, *launch.block_sizes(d, dt)), kinds) for d, dt in launch.CONFIGS]
+    # the 16 x 16 tiles the GPU run of tests/test_sparse_attention.py launches (its _blocks): every kind at D=32,
+    # row layers at D=64 and 128 (test_parity_head_dims), fp16 and fp32
+    entries += [(d, dt, launch.launch_config(d, dt, 16, 16), kinds if d == 32 else [(1, False)])
+                for d in launch.HEAD_DIMS for dt in (torch.float16, torch.float32)]  # fmt: skip
     if quick:
-        entries = [e for e in entries if e[1] != torch.bfloat16]
-        kinds = [(1, False), (3, True)]
+        entries = [(d, dt, c, [k for k in ks if k in ((1, False), (3, True))]) for d, dt, c, ks in entries
+                   if dt != torch.bfloat16]  # fmt: skip
     scalars_i32 = ["H", "seq_len", "n_rows", "text_len", "grid_h", "grid_w", "half"]
 
     def strides(*tensors):
@@ -196,7 +198,7 @@ def _attention_jobs(quick: bool) -> list[tuple]:
         return out
 
     jobs = []
-    for d, dt, c in entries:
+    for d, dt, c, entry_kinds in entries:
         ty = _DTYPES[names[dt]]
         tag = f"{names[dt]} D{d} {c.block_m}x{c.block_n}"
         # delta preprocess: no mask, one per head size and dtype
@@ -209,7 +211,7 @@ def _attention_jobs(quick: bool) -> list[tuple]:
         job = ("_sparse_attention_bwd_preprocess_kernel", sig, consts, {"num_warps": c.pre_warps}, label, div)
         if job[:5] not in [j[:5] for j in jobs]:
             jobs.append(job)
-        for kind, torus in kinds:
+        for kind, torus in entry_kinds:
             common = {"KIND": kind, "TORUS": torus, "HEAD_DIM": d, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n}
             kname = f"{'full row column conv'.split()[kind]}{'-torus' if torus else ''}"
             for kernel, ptrs, ts, scalars, extra, warps, stages in (
