@@ -52,29 +52,32 @@ class AttentionConfig(NamedTuple):
 
 # The launch table, for sm_90 (H100/H200).
 #
-# Tiles. FlashAttention's Triton kernels (the Triton tutorial 06, FA2's flash_attn_triton) settle on 128 x 64 or
-# 128 x 128 forward tiles for dense attention on Hopper. Our masks are sparse: at the paper's shape (T=256,
-# 32x32 grid, L=1279) the computed pairs over the allowed pairs are, for 64x64 / 128x64 / 128x128 tiles,
+# Tiles. FlashAttention-style Triton kernels (the Triton tutorial 06-fused-attention, FA2's flash_attn_triton) use
+# 128 x 64 or 128 x 128 forward tiles for dense attention on Hopper. Our masks are sparse: at the paper's shape
+# (T=256, 32x32 grid, L=1279) the computed pairs over the allowed pairs are, for 64x64 / 128x64 / 128x128 tiles,
 # row 1.31 / 1.52 / 1.70, column 1.18 / 1.42 / 1.42, conv 1.56 / 1.75 / 1.89, full 1.05 / 1.10 / 1.10
 # (dalle_fast.masks.tile_layout). 64 x 64 wastes 15-25% fewer tile FLOPs than 128 x 64 on the sparse kinds, a
 # 64-row tile is exactly one wgmma M (64 rows per warpgroup of 4 warps), and at B=8, H=16 it still launches
-# 2560 forward programs for 132 SMs, so occupancy is not the limit. Every head size keeps 64 x 64 for fp16/bf16.
-# fp32 (the parity path: ieee dots run on FMA units, not tensor cores, with operands held in registers) keeps
-# the same tiles, so that fp32 and fp16 runs visit identical layouts, and buys its registers with warps.
+# 2560 forward programs for 132 SMs. Every head size keeps 64 x 64 for fp16/bf16. fp32 (the parity path: ieee
+# dots run on FMA units, not tensor cores, with operands held in registers) keeps the same tiles, so that fp32
+# and fp16 runs visit identical layouts, and buys its registers with warps and smaller chunks.
 #
-# Warps and stages. Forward: 4 warps (one warpgroup) per 64-row tile and 3 stages (the tutorial's Hopper
-# choice for D <= 128: K and V tiles of 64 x 128 x 2 B = 16 KiB each, 3 stages = 96 KiB of shared memory).
-# Backward: FA2's Triton backward uses 4 warps and takes the long dimension in sub-blocks (BLOCK_M1 = 32
-# queries against 128 keys for dK/dV, BLOCK_N2 = 32 keys against 128 queries for dQ); at D = 128 the dK and dV
-# accumulators alone are 2 x 64 x 128 fp32 = 128 registers a thread at 4 warps, so D = 128 takes 32-row chunks
-# and 8 warps. Every entry is checked spill-free by scripts/triton_aot_check.py (--filter attention).
+# Warps and stages. Forward: 4 warps (one warpgroup) per 64-row tile, 3 stages (the tutorial autotunes 2-4 on
+# Hopper; at D = 128: Q 16 KiB + 3 x (K + V) 96 KiB = 112 KiB of shared memory, two programs per SM).
+# Backward: the tutorial's backward runs 4 warps and takes the long side in small chunks (BLOCK_M1 = 32 queries
+# against 128 keys for dK/dV, BLOCK_N2 = 32 keys against 128 queries for dQ); here dK/dV take 32-query chunks of
+# a visited tile and dQ whole 64-key tiles up to D = 64. At D = 128 the dK and dV accumulators alone are
+# 2 x 64 x 128 fp32 = 128 registers a thread at 4 warps, so D = 128 takes 32-row chunks, 8 warps, 2 stages.
+# The fp32 rows were picked by compiling the candidates (FMA dots spilled at 4 warps and at 32- or 64-row chunks
+# for several kinds). Every entry is spill-free for sm_90 on triton 3.6, 3.8 and 3.9:
+# scripts/triton_aot_check.py --filter attention.
 def _half(bm, bn, fwd, dkdv, dq, pre):
     return AttentionConfig(bm, bn, *fwd, *dkdv, *dq, *pre)
 
 
 _HALF_CONFIGS = {
     # D: (block_m, block_n, (fwd warps, stages), (dkdv sub_m, warps, stages), (dq sub_n, warps, stages), (rows, warps))
-    32: _half(64, 64, (4, 3), (64, 4, 3), (64, 4, 3), (128, 4)),
+    32: _half(64, 64, (4, 3), (32, 4, 3), (64, 4, 3), (128, 4)),
     64: _half(64, 64, (4, 3), (32, 4, 3), (64, 4, 3), (128, 4)),
     128: _half(64, 64, (4, 3), (32, 8, 2), (32, 8, 2), (64, 4)),
 }
