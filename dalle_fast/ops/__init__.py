@@ -18,3 +18,7 @@ __all__ = [
     "sparse_attention",
     "use_backend",
 ]
+
+from .dvae import categorical_kl_uniform, gumbel_quantize, logit_laplace_nll  # noqa: E402
+
+__all__ += ["categorical_kl_uniform", "gumbel_quantize", "logit_laplace_nll"]
