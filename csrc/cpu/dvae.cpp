@@ -480,9 +480,9 @@ void chunk_logs_any(const T* x, int64_t n, float* lx, float* l1x) {
 }
 
 template <typename T>
-DF_CLONES float chunk_nll(const float* __restrict lx, const float* __restrict l1x, const T* __restrict mu,
+DF_CLONES double chunk_nll(const float* __restrict lx, const float* __restrict l1x, const T* __restrict mu,
                           const T* __restrict lb, int64_t n, float* __restrict out) {
-  float acc = 0.f;
+  double acc = 0.0;  // fp64: a long fp32 running sum would lose ~sqrt(n) ulps
   for (int64_t i = 0; i < n; ++i) {
     const float b = to_f32(lb[i]);
     const float v = laplace_nll_value(lx[i], l1x[i], to_f32(mu[i]), b, exp_finite_or_zero(-b));

@@ -113,6 +113,7 @@ def quantize_fwd(logits, weight, bias, tau, hard, seed, offset):
         lse.fill_(float("-inf"))
         return out, lse, idx
     x = logits.reshape(B, K, S)
+    bias = bias.contiguous() if bias is not None else None
     cfg = quantize_config("fwd", K, S, C)
     grid = (B * triton_cdiv(S, cfg.block_s), triton_cdiv(C, cfg.block_c))
     _kernels()._gumbel_quantize_fwd_kernel[grid](
@@ -244,7 +245,7 @@ class KLConfig(NamedTuple):
 
 
 def kl_config(outer: int, K: int, inner: int) -> KLConfig:
-    """Fixed table: column layout (inner > 1) [BLOCK_M codes, BLOCK_N columns]; row layout [BLOCK_M rows, BLOCK_N codes]."""
+    """Fixed table: column layout (inner > 1) [BLOCK_M codes, BLOCK_N columns]; else [BLOCK_M rows, BLOCK_N codes]."""
     if inner > 1:
         bn = min(64, max(4, _next_pow2(inner)))
         bm = min(max(1, _next_pow2(K)), max(1, 4096 // bn))

@@ -310,7 +310,8 @@ def gumbel_quantize(logits, weight, bias=None, *, tau=1.0, hard=False, seed=None
     name = _dispatch.select("gumbel_quantize", device, backend, _reasons_for("gumbel_quantize_fwd", device, dtypes))
     if name == "eager":
         return reference.gumbel_quantize(logits, weight, bias, tau=tau, hard=hard, seed=seed, offset=offset)
-    out, _lse, _idx = registered_ops(name)["gumbel_quantize_fwd"](logits, weight, bias, tau, hard, _signed(seed), offset)
+    fwd = registered_ops(name)["gumbel_quantize_fwd"]
+    out, _lse, _idx = fwd(logits, weight, bias, tau, hard, _signed(seed), offset)
     return out
 
 
