@@ -60,13 +60,13 @@ def quantize_config(kernel: str, K: int, S: int, C: int) -> QuantizeConfig:
     Sized by scripts/triton_aot_check.py on sm_90 (fp32 ieee dots, 8 warps): the largest tiles that do not
     spill at the GPU benchmark shape (K=8192, S=1024, C=128): fwd [16 codes x 32 pixels] feeding a
     [128 x 32] accumulator (one channel block for the 128-dim codebook: the noise is made once), dx
-    [16 codes x 64 pixels] with 32-channel chunks of G = W^T dout, dw [128 channels x 32 codes] over
+    [16 codes x 32 pixels] with 64-channel chunks of G = W^T dout, dw [128 channels x 32 codes] over
     16-pixel chunks. Smaller problems shrink the tiles to their sizes (at least 16, what tl.dot needs).
     """
     if kernel == "fwd":
         bk, bs, bc = 16, min(32, max(16, _next_pow2(S))), min(128, max(16, _next_pow2(C)))
     elif kernel == "dx":
-        bk, bs, bc = 16, min(64, max(16, _next_pow2(S))), min(32, max(16, _next_pow2(C)))
+        bk, bs, bc = 16, min(32, max(16, _next_pow2(S))), min(64, max(16, _next_pow2(C)))
     elif kernel == "dw":
         bk, bs, bc = min(32, max(16, _next_pow2(K))), 16, min(128, max(16, _next_pow2(C)))
     else:
