@@ -727,46 +727,44 @@ DF_CLONES void kl_tile_stats(const T* __restrict x, int64_t K, int64_t stride_k,
   for (int j = 0; j < w; ++j) kl_finish(KLStats{m[j], s[j], u[j]}, std::log(s[j]), lse + j, negent + j);
 }
 
-// Row layout (inner == 1): 16 independent accumulators across k.
+// Row layout (inner == 1): 16 lanes, each with its own (m, s, u) over the elements k = lane (mod 16),
+// merged with kl_stats_combine (the merge the CUDA kernels use, exercised here by every CPU row test).
 template <typename T>
 DF_CLONES void kl_row_stats(const T* __restrict x, int64_t K, float* lse, float* negent) {
-  float mc[kKLW], s[kKLW], u[kKLW];
+  float mc[kKLW], ms[kKLW], s[kKLW], u[kKLW];
   for (int j = 0; j < kKLW; ++j) {
     mc[j] = -INFINITY;
     s[j] = u[j] = 0.f;
   }
-  int64_t k = 0;
-  for (; k + kKLW <= K; k += kKLW)
+  const int64_t kmain = K / kKLW * kKLW;
+  for (int64_t k = 0; k < kmain; k += kKLW)
     for (int j = 0; j < kKLW; ++j) {
       const float v = to_f32(x[k + j]);
       mc[j] = (v > mc[j] || v != v) ? v : mc[j];
     }
-  float m = -INFINITY;
-  for (int j = 0; j < kKLW; ++j) m = (mc[j] > m || mc[j] != mc[j]) ? mc[j] : m;
-  for (; k < K; ++k) {
+  for (int64_t k = kmain; k < K; ++k) {
+    const int j = static_cast<int>(k - kmain);
     const float v = to_f32(x[k]);
-    m = (v > m || v != v) ? v : m;
+    mc[j] = (v > mc[j] || v != v) ? v : mc[j];
   }
-  const float ms = m == -INFINITY ? 0.f : m;
-  for (k = 0; k + kKLW <= K; k += kKLW)
+  for (int j = 0; j < kKLW; ++j) ms[j] = mc[j] == -INFINITY ? 0.f : mc[j];
+  for (int64_t k = 0; k < kmain; k += kKLW)
     for (int j = 0; j < kKLW; ++j) {
-      const float d = to_f32(x[k + j]) - ms;
+      const float d = to_f32(x[k + j]) - ms[j];
       const float e = exp_finite_or_zero(d);
       s[j] += e;
       u[j] += e * d;
     }
-  float st = 0.f, ut = 0.f;
-  for (int j = 0; j < kKLW; ++j) {
-    st += s[j];
-    ut += u[j];
-  }
-  for (; k < K; ++k) {
-    const float d = to_f32(x[k]) - ms;
+  for (int64_t k = kmain; k < K; ++k) {
+    const int j = static_cast<int>(k - kmain);
+    const float d = to_f32(x[k]) - ms[j];
     const float e = exp_finite_or_zero(d);
-    st += e;
-    ut += e * d;
+    s[j] += e;
+    u[j] += e * d;
   }
-  kl_finish(KLStats{ms, st, ut}, std::log(st), lse, negent);
+  KLStats st = kl_stats_init();
+  for (int j = 0; j < kKLW; ++j) st = kl_stats_combine(st, KLStats{mc[j], s[j], u[j]});
+  kl_finish(KLStats{st.m == -INFINITY ? 0.f : st.m, st.s, st.u}, std::log(st.s), lse, negent);
 }
 
 template <typename T>

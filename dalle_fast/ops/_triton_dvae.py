@@ -61,7 +61,8 @@ def quantize_config(kernel: str, K: int, S: int, C: int) -> QuantizeConfig:
     spill at the GPU benchmark shape (K=8192, S=1024, C=128): fwd [16 codes x 32 pixels] feeding a
     [128 x 32] accumulator (one channel block for the 128-dim codebook: the noise is made once), dx
     [16 codes x 32 pixels] with 64-channel chunks of G = W^T dout, dw [128 channels x 32 codes] over
-    16-pixel chunks. Smaller problems shrink the tiles to their sizes (at least 16, what tl.dot needs).
+    16-pixel chunks. Smaller problems shrink the tiles to their sizes (at least 16, what tl.dot needs) and
+    run on 4 warps.
     """
     if kernel == "fwd":
         bk, bs, bc = 16, min(32, max(16, _next_pow2(S))), min(128, max(16, _next_pow2(C)))
@@ -71,7 +72,8 @@ def quantize_config(kernel: str, K: int, S: int, C: int) -> QuantizeConfig:
         bk, bs, bc = min(32, max(16, _next_pow2(K))), 16, min(128, max(16, _next_pow2(C)))
     else:
         raise ValueError(f"kernel: expected 'fwd', 'dx' or 'dw', got {kernel!r}")
-    return QuantizeConfig(bk, bs, bc, 8)
+    big = bc * (bk if kernel == "dw" else bs)  # the accumulator tile
+    return QuantizeConfig(bk, bs, bc, 8 if big >= 2048 else 4)  # small tiles on 8 warps get 64 registers and spill
 
 
 def _precision(dtype: torch.dtype) -> str:
