@@ -211,7 +211,7 @@ def _dvae_jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
                 cfg = launch.quantize_config("dw", K, S, C)
                 blocks = {"BLOCK_K": cfg.block_k, "BLOCK_S": cfg.block_s, "BLOCK_C": cfg.block_c}
                 for hard in (False, True):
-                    consts = {"stride_xs": 1, "HARD": hard, "ALIGNED": aligned, "PRECISION": prec, **blocks}
+                    consts = {"stride_xs": 1, "HARD": hard, "ALIGNED": aligned, "PRECISION": "ieee", **blocks}
                     types = {"x_ptr": ptr, "dout_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64",
                              "dw_ptr": "*fp32", **scalars}  # fmt: skip
                     add("_gumbel_quantize_bwd_dw_kernel", types, consts, cfg.num_warps,
