@@ -189,25 +189,26 @@ def _dvae_jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
     scalars = {"seed": "i64", "offset": "i64", "inv_tau": "fp32"}
     for K, S, C in _DVAE_QUICK_SHAPES if quick else _DVAE_SHAPES:
         for dt in ["fp32"] if quick else list(_DTYPES):
-            prec = "ieee" if dt == "fp32" else "tf32"
+            precs = ["ieee", "tf32"] if dt == "fp32" else ["tf32"]  # fp32: tf32 where cudnn.allow_tf32 is on
             ptr = _DTYPES[dt]
             for aligned in (True, False):
                 cfg = launch.quantize_config("fwd", K, S, C)
                 blocks = {"BLOCK_K": cfg.block_k, "BLOCK_S": cfg.block_s, "BLOCK_C": cfg.block_c}
-                for hard in (False, True):
+                for hard, prec in [(h, p) for h in (False, True) for p in precs]:
                     consts = {"stride_xs": 1, "stride_wk": 1, "HAS_BIAS": True, "HARD": hard, "ALIGNED": aligned,
                               "PRECISION": prec, **blocks}  # fmt: skip
                     types = {"x_ptr": ptr, "w_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": ptr,
                              "lse_ptr": "*fp32", "idx_ptr": "*i64", **scalars}  # fmt: skip
                     add("_gumbel_quantize_fwd_kernel", types, consts, cfg.num_warps,
-                        f"{dt} K={K} S={S} C={C} hard={int(hard)} aligned={int(aligned)} {blocks}")  # fmt: skip
+                        f"{dt} {prec} K={K} S={S} C={C} hard={int(hard)} aligned={int(aligned)} {blocks}")  # fmt: skip
                 cfg = launch.quantize_config("dx", K, S, C)
                 blocks = {"BLOCK_K": cfg.block_k, "BLOCK_S": cfg.block_s, "BLOCK_C": cfg.block_c}
-                consts = {"stride_xs": 1, "stride_wk": 1, "ALIGNED": aligned, "PRECISION": prec, **blocks}
-                types = {"x_ptr": ptr, "w_ptr": "*fp32", "dout_ptr": "*fp32", "lse_ptr": "*fp32", "dx_ptr": ptr,
-                         **scalars}  # fmt: skip
-                add("_gumbel_quantize_bwd_dx_kernel", types, consts, cfg.num_warps,
-                    f"{dt} K={K} S={S} C={C} aligned={int(aligned)} {blocks}")  # fmt: skip
+                for prec in precs:
+                    consts = {"stride_xs": 1, "stride_wk": 1, "ALIGNED": aligned, "PRECISION": prec, **blocks}
+                    types = {"x_ptr": ptr, "w_ptr": "*fp32", "dout_ptr": "*fp32", "lse_ptr": "*fp32", "dx_ptr": ptr,
+                             **scalars}  # fmt: skip
+                    add("_gumbel_quantize_bwd_dx_kernel", types, consts, cfg.num_warps,
+                        f"{dt} {prec} K={K} S={S} C={C} aligned={int(aligned)} {blocks}")  # fmt: skip
                 cfg = launch.quantize_config("dw", K, S, C)
                 blocks = {"BLOCK_K": cfg.block_k, "BLOCK_S": cfg.block_s, "BLOCK_C": cfg.block_c}
                 for hard in (False, True):

@@ -27,6 +27,15 @@ QCASES = [
 SEEDS = [0, 2**63 + 5]
 
 
+@pytest.fixture(autouse=True)
+def _exact_fp32_products():
+    """fp32 parity: the Triton codebook products follow cudnn.allow_tf32 (on by default), like F.conv2d."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
 def _qinputs(B, K, spatial, C, device, dtype=torch.float32, bias=True):
     x = (torch.randn(B, K, *spatial, device=device) * 2).to(dtype).requires_grad_(True)
     w = (torch.randn(C, K, 1, 1, device=device) / K**0.5).requires_grad_(True)

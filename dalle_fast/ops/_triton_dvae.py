@@ -7,8 +7,9 @@
 
 reduction: 0 none, 1 mean, 2 sum. Launch configurations come from fixed tables (`quantize_config`,
 `kl_config`, NLL_BLOCK): no autotuning, so the interpreter runs exactly what the GPU runs. fp32 logits use
-tl.dot with input_precision="ieee" (the fp32 parity DESIGN section 8 promises); fp16 / bf16 logits "tf32"
-(except the codebook gradient: always "ieee").
+tl.dot with input_precision="ieee" (the fp32 parity DESIGN section 8 promises) unless torch's
+cudnn.allow_tf32 switch (what F.conv2d of the unfused composition follows) is on for a GPU tensor;
+fp16 / bf16 logits "tf32"; the codebook gradient always "ieee".
 """
 
 from __future__ import annotations
@@ -77,8 +78,13 @@ def quantize_config(kernel: str, K: int, S: int, C: int) -> QuantizeConfig:
     return QuantizeConfig(bk, bs, bc, 8 if big >= 2048 else 4)  # small tiles on 8 warps get 64 registers and spill
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(logits: torch.Tensor) -> str:
+    """tl.dot precision of the codebook products. fp32 logits follow torch.backends.cudnn.allow_tf32, the
+    switch of the unfused composition's own convolution: TF32 on a GPU where it is on (torch's default),
+    exact "ieee" where it is off and in the interpreter (the fp32 parity tests turn it off)."""
+    if logits.dtype == torch.float32:
+        return "tf32" if logits.is_cuda and torch.backends.cudnn.allow_tf32 else "ieee"
+    return "tf32"
 
 
 def _check_quantize(op: str, logits, weight, tau, seed, offset):
@@ -129,7 +135,7 @@ def quantize_fwd(logits, weight, bias, tau, hard, seed, offset):
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
         B, K, S, C, seed, offset, 1.0 / tau,
         HAS_BIAS=bias is not None, HARD=hard, ALIGNED=offset % 4 == 0 and S % 4 == 0,
-        PRECISION=_precision(logits.dtype),
+        PRECISION=_precision(logits),
         BLOCK_K=cfg.block_k, BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )  # fmt: skip
     return out, lse, idx
@@ -154,7 +160,7 @@ def quantize_bwd(grad, logits, weight, lse, idx, tau, hard, seed, offset):
     lse = lse.reshape(B, S).contiguous()
     idx = idx.reshape(B, S).contiguous() if hard else lse
     aligned = offset % 4 == 0 and S % 4 == 0
-    prec = _precision(logits.dtype)
+    prec = _precision(logits)
     k = _kernels()
     cfg = quantize_config("dx", K, S, C)
     k._gumbel_quantize_bwd_dx_kernel[(B * triton_cdiv(S, cfg.block_s),)](
