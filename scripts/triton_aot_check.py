@@ -233,6 +233,107 @@ def _dvae_jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
                 add("_categorical_kl_fwd_kernel", {"x_ptr": ptr, "stats_ptr": "*fp32"}, consts, cfg.num_warps, label)
                 add("_categorical_kl_bwd_kernel", {"x_ptr": ptr, "stats_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": ptr},
                     consts, cfg.num_warps, label)  # fmt: skip
+
+
+# Sparse attention (kernels/attention.py) -------------------------------------------------------------------
+
+_SM90_MAX_SMEM = 232448  # bytes of shared memory one block may opt in to on sm_90 (227 KiB)
+
+
+def _load_attention():
+    import importlib.util
+
+    import triton  # noqa: F401
+
+    spec = importlib.util.spec_from_file_location(
+        "dalle_fast_kernels_attention", os.path.join(ROOT, "kernels", "attention.py")
+    )
+    kern = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kern)
+    return kern
+
+
+def _load_attention_launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "dalle_fast_triton_attention_launch", os.path.join(ROOT, "dalle_fast", "ops", "_triton_attention.py")
+    )
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    return launch
+
+
+def _attention_jobs(quick: bool) -> list[tuple]:
+    """Every configuration of the sparse-attention launch table (each head size and dtype, each kind flag
+    combination the kernels specialise on: KIND 0..3, TORUS for conv), plus the 16 x 16 tiles the GPU run of
+    the tests launches (--quick: fp16 and fp32, row and torus conv only). Contiguous last dims (stride 1,
+    specialised as the JIT does), 16-byte aligned pointers and strides divisible by 16 (as the JIT sees q, k, v
+    of head size >= 32 and our own outputs)."""
+    import torch
+
+    launch = _load_attention_launcher()
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    kinds = [(0, False), (1, False), (2, False), (3, False), (3, True)]
+    entries = [(d, dt, launch.launch_config(d, dt, *launch.block_sizes(d, dt)), kinds) for d, dt in launch.CONFIGS]
+    # the 16 x 16 tiles the GPU run of tests/test_sparse_attention.py launches (its _blocks): every kind at D=32,
+    # row layers at D=64 and 128 (test_parity_head_dims), fp16 and fp32
+    entries += [(d, dt, launch.launch_config(d, dt, 16, 16), kinds if d == 32 else [(1, False)])
+                for d in launch.HEAD_DIMS for dt in (torch.float16, torch.float32)]  # fmt: skip
+    if quick:
+        entries = [(d, dt, c, [k for k in ks if k in ((1, False), (3, True))]) for d, dt, c, ks in entries
+                   if dt != torch.bfloat16]  # fmt: skip
+    scalars_i32 = ["H", "seq_len", "n_rows", "text_len", "grid_h", "grid_w", "half"]
+
+    def strides(*tensors):
+        out = {}
+        for t in tensors:
+            for a in "bhld":
+                out[f"stride_{t}{a}"] = "constexpr" if a == "d" else "i32"
+        return out
+
+    jobs = []
+    for d, dt, c, entry_kinds in entries:
+        ty = _DTYPES[names[dt]]
+        tag = f"{names[dt]} D{d} {c.block_m}x{c.block_n}"
+        # delta preprocess: no mask, one per head size and dtype
+        sig = {"out_ptr": ty, "do_ptr": ty, "delta_ptr": "*fp32", **strides("o", "do"), "H": "i32", "seq_len": "i32",
+               "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"}  # fmt: skip
+        consts = {k: 1 for k, v in sig.items() if v == "constexpr" and k.startswith("stride_")}
+        consts.update(HEAD_DIM=d, BLOCK_M=c.pre_rows)
+        div = [k for k, v in sig.items() if v.startswith("*") or (k.startswith("stride_") and v == "i32")]
+        label = f"{names[dt]} D{d} rows{c.pre_rows} w{c.pre_warps}"
+        job = ("_sparse_attention_bwd_preprocess_kernel", sig, consts, {"num_warps": c.pre_warps}, label, div)
+        if job[:5] not in [j[:5] for j in jobs]:
+            jobs.append(job)
+        for kind, torus in entry_kinds:
+            common = {"KIND": kind, "TORUS": torus, "HEAD_DIM": d, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n}
+            kname = f"{'full row column conv'.split()[kind]}{'-torus' if torus else ''}"
+            for kernel, ptrs, ts, scalars, extra, warps, stages in (
+                ("_sparse_attention_fwd_kernel",
+                 {"q_ptr": ty, "k_ptr": ty, "v_ptr": ty, "out_ptr": ty, "lse_ptr": "*fp32", "kv_indptr_ptr": "*i32",
+                  "kv_index_ptr": "*i32", "kv_partial_ptr": "*i32"},
+                 ("q", "k", "v", "o"), ["qk_scale"], {}, c.fwd_warps, c.fwd_stages),
+                ("_sparse_attention_bwd_dkdv_kernel",
+                 {"q_ptr": ty, "k_ptr": ty, "v_ptr": ty, "do_ptr": ty, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+                  "dk_ptr": ty, "dv_ptr": ty, "q_indptr_ptr": "*i32", "q_index_ptr": "*i32",
+                  "q_partial_ptr": "*i32"},
+                 ("q", "k", "v", "do", "dk", "dv"), ["qk_scale", "scale"], {"SUB_M": c.dkdv_sub_m},
+                 c.dkdv_warps, c.dkdv_stages),
+                ("_sparse_attention_bwd_dq_kernel",
+                 {"q_ptr": ty, "k_ptr": ty, "v_ptr": ty, "do_ptr": ty, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+                  "dq_ptr": ty, "kv_indptr_ptr": "*i32", "kv_index_ptr": "*i32", "kv_partial_ptr": "*i32"},
+                 ("q", "k", "v", "do", "dq"), ["qk_scale", "scale"], {"SUB_N": c.dq_sub_n},
+                 c.dq_warps, c.dq_stages),
+            ):  # fmt: skip
+                sig = {**ptrs, **strides(*ts), **{k: "i32" for k in scalars_i32}, **{k: "fp32" for k in scalars}}
+                sig.update({k: "constexpr" for k in (*common, *extra)})
+                consts = {k: 1 for k, v in sig.items() if v == "constexpr" and k.startswith("stride_")}
+                consts.update(common, **extra)
+                div = [k for k, v in sig.items() if v.startswith("*") or (k.startswith("stride_") and v == "i32")]
+                sub = "".join(f" sub{v}" for v in extra.values())
+                label = f"{tag} {kname}{sub} w{warps} s{stages}"
+                jobs.append((kernel, sig, consts, {"num_warps": warps, "num_stages": stages}, label, div))
     return jobs
 
 
@@ -249,17 +350,22 @@ def _cuobjdump() -> str:
 
 
 def _compile_one(job):
-    kernel, sig, consts, num_warps, label = job
+    # Jobs are (kernel, signature, constexprs, num_warps or an options dict, label[, names divisible by 16]).
+    kernel, sig, consts, options, label, *rest = job
+    options = options if isinstance(options, dict) else {"num_warps": options}
     import triton
     from triton.backends.compiler import GPUTarget
 
     kern, _ = _load_modules()
-    fn = getattr(kern, kernel, None) or getattr(_load_dvae()[0], kernel)
+    fn = getattr(kern, kernel, None) or getattr(_load_attention(), kernel, None) or getattr(_load_dvae()[0], kernel)
     target = GPUTarget("cuda", 90, 32)
     errors = []
     compiled = None
+    # What the JIT assumes of 16-byte aligned pointers and strides divisible by 16 (triton >= 3.3 form).
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in (rest[0] if rest else ())}
     # ASTSource's signature format changed across triton versions: try the current forms in turn.
     attempts = [
+        lambda: triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
         lambda: triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
         lambda: triton.compiler.ASTSource(
             fn=fn, signature={k: v for k, v in sig.items() if v != "constexpr"}, constexprs=consts
@@ -273,7 +379,7 @@ def _compile_one(job):
     for make in attempts:
         try:
             src = make()
-            compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+            compiled = triton.compile(src, target=target, options=options)
             break
         except Exception as e:  # noqa: BLE001 - report every form's failure if none works
             errors.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
@@ -307,18 +413,19 @@ def main() -> int:
     args = ap.parse_args()
     import triton
 
-    jobs = [j for j in _jobs(args.quick) + _dvae_jobs(args.quick) if args.filter in j[0]]
+    jobs = [j for j in _jobs(args.quick) + _attention_jobs(args.quick) + _dvae_jobs(args.quick) if args.filter in j[0]]
     print(f"triton {triton.__version__}: compiling {len(jobs)} kernel configurations for sm_90 ({args.jobs} jobs)")
     print(f"cuobjdump: {_cuobjdump()}")
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
         results = list(ex.map(_compile_one, jobs))
     bad = 0
     w = max(len(r[1]) for r in results)
-    print(f"{'kernel':28s} {'config':{w}s} {'regs':>5s} {'spill':>6s} {'stack':>6s} {'smem':>7s}")
+    kw = max([28] + [len(r[0]) for r in results])
+    print(f"{'kernel':{kw}s} {'config':{w}s} {'regs':>5s} {'spill':>6s} {'stack':>6s} {'smem':>7s}")
     for kernel, label, res, err in results:
         if err:
             bad += 1
-            print(f"{kernel:28s} {label:{w}s} ERROR {err}")
+            print(f"{kernel:{kw}s} {label:{w}s} ERROR {err}")
             continue
         spill = res["LOCAL"] or 0
         stack = res["STACK"] or 0
@@ -326,7 +433,10 @@ def main() -> int:
         if spill or stack:
             bad += 1
             flag = "  <-- SPILL"
-        print(f"{kernel:28s} {label:{w}s} {res['REG']:5d} {spill:6d} {stack:6d} {res['SHARED']:7d}{flag}")
+        elif res["SHARED"] > _SM90_MAX_SMEM:
+            bad += 1
+            flag = "  <-- SHARED MEMORY"
+        print(f"{kernel:{kw}s} {label:{w}s} {res['REG']:5d} {spill:6d} {stack:6d} {res['SHARED']:7d}{flag}")
     print(f"{len(results) - bad} ok, {bad} failing")
     return 1 if bad else 0
 
