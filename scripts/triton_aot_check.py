@@ -233,6 +233,7 @@ def _dvae_jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
                 add("_categorical_kl_fwd_kernel", {"x_ptr": ptr, "stats_ptr": "*fp32"}, consts, cfg.num_warps, label)
                 add("_categorical_kl_bwd_kernel", {"x_ptr": ptr, "stats_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": ptr},
                     consts, cfg.num_warps, label)  # fmt: skip
+    return jobs
 
 
 # Sparse attention (kernels/attention.py) -------------------------------------------------------------------
