@@ -140,6 +140,102 @@ def _jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
     return jobs
 
 
+# ---- dVAE kernels (kernels/dvae.py; launch tables of dalle_fast/ops/_triton_dvae.py) ----
+
+# (K, S, C): the benchmark shapes (GPU and CPU), the test shapes, C past one 128-channel block.
+_DVAE_SHAPES = [(8192, 1024, 128), (1024, 256, 128), (37, 15, 11), (70, 16, 130), (16, 9, 130), (5, 7, 3)]
+_DVAE_QUICK_SHAPES = [(8192, 1024, 128), (1024, 256, 128)]
+
+
+def _load_dvae():
+    """(kernels/dvae.py loaded as a submodule of a stand-in kernels package, the launcher module)."""
+    import importlib
+    import importlib.util
+
+    pkg = "dalle_fast_kernels_aot"
+    if pkg not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            pkg,
+            os.path.join(ROOT, "kernels", "__init__.py"),
+            submodule_search_locations=[os.path.join(ROOT, "kernels")],
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[pkg] = mod
+        spec.loader.exec_module(mod)
+    kern = importlib.import_module(f"{pkg}.dvae")
+    from dalle_fast.ops import _triton_dvae as launch
+
+    return kern, launch
+
+
+def _signature(kernel: str, types: dict, consts: dict) -> dict:
+    """Every argument of the kernel in order: its type from `types` ("i32" by default), or constexpr."""
+    fn = getattr(_load_dvae()[0], kernel)
+    return {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+
+
+def _dvae_jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
+    """(kernel, signature, constexprs, num_warps, label) of every configuration the dVAE launchers use."""
+    _, launch = _load_dvae()
+    jobs, seen = [], set()
+
+    def add(kernel, types, consts, num_warps, label):
+        sig = _signature(kernel, types, consts)
+        key = (kernel, tuple(sorted(sig.items())), tuple(sorted(consts.items())), num_warps)
+        if key not in seen:
+            seen.add(key)
+            jobs.append((kernel, sig, consts, num_warps, label))
+
+    scalars = {"seed": "i64", "offset": "i64", "inv_tau": "fp32"}
+    for K, S, C in _DVAE_QUICK_SHAPES if quick else _DVAE_SHAPES:
+        for dt in ["fp32"] if quick else list(_DTYPES):
+            precs = ["ieee", "tf32"] if dt == "fp32" else ["tf32"]  # fp32: tf32 where cudnn.allow_tf32 is on
+            ptr = _DTYPES[dt]
+            for aligned in (True, False):
+                cfg = launch.quantize_config("fwd", K, S, C)
+                blocks = {"BLOCK_K": cfg.block_k, "BLOCK_S": cfg.block_s, "BLOCK_C": cfg.block_c}
+                for hard, prec in [(h, p) for h in (False, True) for p in precs]:
+                    consts = {"stride_xs": 1, "stride_wk": 1, "HAS_BIAS": True, "HARD": hard, "ALIGNED": aligned,
+                              "PRECISION": prec, **blocks}  # fmt: skip
+                    types = {"x_ptr": ptr, "w_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": ptr,
+                             "lse_ptr": "*fp32", "idx_ptr": "*i64", **scalars}  # fmt: skip
+                    add("_gumbel_quantize_fwd_kernel", types, consts, cfg.num_warps,
+                        f"{dt} {prec} K={K} S={S} C={C} hard={int(hard)} aligned={int(aligned)} {blocks}")  # fmt: skip
+                cfg = launch.quantize_config("dx", K, S, C)
+                blocks = {"BLOCK_K": cfg.block_k, "BLOCK_S": cfg.block_s, "BLOCK_C": cfg.block_c}
+                for prec in precs:
+                    consts = {"stride_xs": 1, "stride_wk": 1, "ALIGNED": aligned, "PRECISION": prec, **blocks}
+                    types = {"x_ptr": ptr, "w_ptr": "*fp32", "dout_ptr": "*fp32", "lse_ptr": "*fp32", "dx_ptr": ptr,
+                             **scalars}  # fmt: skip
+                    add("_gumbel_quantize_bwd_dx_kernel", types, consts, cfg.num_warps,
+                        f"{dt} {prec} K={K} S={S} C={C} aligned={int(aligned)} {blocks}")  # fmt: skip
+                cfg = launch.quantize_config("dw", K, S, C)
+                blocks = {"BLOCK_K": cfg.block_k, "BLOCK_S": cfg.block_s, "BLOCK_C": cfg.block_c}
+                for hard in (False, True):
+                    consts = {"stride_xs": 1, "HARD": hard, "ALIGNED": aligned, "PRECISION": "ieee", **blocks}
+                    types = {"x_ptr": ptr, "dout_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64",
+                             "dw_ptr": "*fp32", **scalars}  # fmt: skip
+                    add("_gumbel_quantize_bwd_dw_kernel", types, consts, cfg.num_warps,
+                        f"{dt} K={K} S={S} C={C} hard={int(hard)} aligned={int(aligned)} {blocks}")  # fmt: skip
+            # The losses: the NLL on the image-sized [B, 3, 8H, 8W], the KL on the [B, K, S] logits.
+            for reduce in (False, True):
+                add("_logit_laplace_nll_fwd_kernel", {"x_ptr": ptr, "mu_ptr": ptr, "lb_ptr": ptr, "out_ptr": "*fp32"},
+                    {"REDUCE": reduce, "BLOCK": launch.NLL_BLOCK}, 4, f"{dt} reduce={int(reduce)}")  # fmt: skip
+                add("_logit_laplace_nll_bwd_kernel",
+                    {"g_ptr": "*fp32", "x_ptr": ptr, "mu_ptr": ptr, "lb_ptr": ptr, "dx_ptr": ptr, "dmu_ptr": ptr,
+                     "dlb_ptr": ptr, "g_scale": "fp32"},
+                    {"G_SCALAR": reduce, "BLOCK": launch.NLL_BLOCK}, 4, f"{dt} g_scalar={int(reduce)}")  # fmt: skip
+            for outer, inner in ((8, S), (8 * S, 1)):
+                cfg = launch.kl_config(outer, K, inner)
+                unit = "stride_xi" if cfg.col else "stride_xk"
+                consts = {unit: 1, "COL": cfg.col, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+                label = f"{dt} K={K} {'col' if cfg.col else 'row'} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps}"
+                add("_categorical_kl_fwd_kernel", {"x_ptr": ptr, "stats_ptr": "*fp32"}, consts, cfg.num_warps, label)
+                add("_categorical_kl_bwd_kernel", {"x_ptr": ptr, "stats_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": ptr},
+                    consts, cfg.num_warps, label)  # fmt: skip
+    return jobs
+
+
 # Sparse attention (kernels/attention.py) -------------------------------------------------------------------
 
 _SM90_MAX_SMEM = 232448  # bytes of shared memory one block may opt in to on sm_90 (227 KiB)
@@ -262,7 +358,7 @@ def _compile_one(job):
     from triton.backends.compiler import GPUTarget
 
     kern, _ = _load_modules()
-    fn = getattr(kern, kernel, None) or getattr(_load_attention(), kernel)
+    fn = getattr(kern, kernel, None) or getattr(_load_attention(), kernel, None) or getattr(_load_dvae()[0], kernel)
     target = GPUTarget("cuda", 90, 32)
     errors = []
     compiled = None
@@ -318,7 +414,7 @@ def main() -> int:
     args = ap.parse_args()
     import triton
 
-    jobs = [j for j in _jobs(args.quick) + _attention_jobs(args.quick) if args.filter in j[0]]
+    jobs = [j for j in _jobs(args.quick) + _attention_jobs(args.quick) + _dvae_jobs(args.quick) if args.filter in j[0]]
     print(f"triton {triton.__version__}: compiling {len(jobs)} kernel configurations for sm_90 ({args.jobs} jobs)")
     print(f"cuobjdump: {_cuobjdump()}")
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:

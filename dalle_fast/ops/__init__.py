@@ -18,3 +18,17 @@ __all__ = [
     "sparse_attention",
     "use_backend",
 ]
+
+from .dvae import categorical_kl_uniform, gumbel_quantize, logit_laplace_nll  # noqa: E402
+
+__all__ += ["categorical_kl_uniform", "gumbel_quantize", "logit_laplace_nll"]
+
+from . import dvae as _dvae_ops  # noqa: E402
+from . import gumbel as _gumbel_ops  # noqa: E402
+
+
+def available_backends(op_name: str, device) -> list[str]:  # noqa: F811 - extends gumbel's to the dVAE ops
+    """Backends that can serve `op_name` (any public op of the gumbel and dVAE families) on `device`."""
+    if op_name in ("gumbel_quantize", "logit_laplace_nll", "categorical_kl_uniform"):
+        return _dvae_ops.available_backends(op_name, device)
+    return _gumbel_ops.available_backends(op_name, device)
