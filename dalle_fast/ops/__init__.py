@@ -16,3 +16,8 @@ __all__ = [
     "gumbel_softmax",
     "use_backend",
 ]
+
+# Scaled matmul family (DESIGN section 6).
+from .matmul import scale_filter, scaled_linear, scaled_matmul  # noqa: E402
+
+__all__ += ["scale_filter", "scaled_linear", "scaled_matmul"]
