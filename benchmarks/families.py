@@ -7,3 +7,4 @@ and a pytest wrapper benchmarks/test_bench_<name>.py. Add a family here and in s
 FAMILIES = {
     "gumbel": "benchmarks.gumbel",
 }
+FAMILIES["matmul"] = "benchmarks.matmul"

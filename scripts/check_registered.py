@@ -8,6 +8,9 @@ import torch
 
 import dalle_fast
 from dalle_fast.ops.gumbel import OPS
+from dalle_fast.ops.matmul import OPS as MATMUL_OPS
+
+OPS = tuple(OPS) + tuple(MATMUL_OPS)  # every family's op names, appended per family
 
 if dalle_fast.extension_error:
     sys.exit(f"dalle_fast._C did not load: {dalle_fast.extension_error}")

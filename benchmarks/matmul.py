@@ -1,0 +1,366 @@
+"""Scaled matmul family benchmarks: scaled_matmul with its fused epilogue, and the per-resblock scheme's cost.
+
+Cases
+    scaled_matmul fwd, out = s * (a @ b) + bias with the non-finite filter and flag (s a 0-dim device tensor),
+        on the GEMMs of a transformer block: tokens x d -> d (projections), d -> 4d and 4d -> d (MLP), for
+        d_model 1024, 2048, 3968 at 8192 tokens (GPU); fp16 and bf16 (GPU), fp32 and bf16 (CPU).
+        Peers measured side by side: "torch" = the eager sequence torch.matmul(a, b) * s + bias, isfinite,
+        where (what the fused epilogue replaces) and "torch.matmul" = the plain GEMM alone (cuBLAS on GPU).
+    resblock fwd+bwd of an fp16 MLP block (ScaledLinear d -> 4d, GELU, ScaledLinear 4d -> d) on the fp32
+        residual stream, "per-resblock" (ScaledResidual: scaled exit through the output projection, fused
+        unscale + filter + flag at the entry) against "plain-fp16" (the same block, plain casts, no scaling).
+        The attention half of a transformer block is not included (issue 3 delivers it).
+
+CPU runs use fewer tokens (CPU_TOKENS) and d_model 1024 only (CPU_DMODELS), fp32 and bf16: torch's fp16 GEMM on
+CPU is a slow reference loop (~40 s for 2048 x 1024 x 4096 on 2 cores), which would make the eager peer
+meaningless; the records say so.
+
+Minimum bytes and flops of scaled_matmul: read a, b and bias, write out: (M K + K N + M N + N) e bytes;
+2 M N K flops. resblock: the two GEMMs' forward and backward flops (3 x 2 x 2 x T x d x 4d).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import harness
+
+FAMILY = "matmul"
+TOKENS = 8192
+DMODELS = (1024, 2048, 3968)
+QUICK_DMODELS = (1024, 3968)
+CPU_TOKENS = 2048
+CPU_DMODELS = (1024,)
+SMOKE_TOKENS, SMOKE_DMODELS = 64, (32,)
+GPU_BACKENDS = ("cuda", "triton")
+CPU_BACKENDS = ("cpp",)
+PEER_MATMUL = "torch.matmul"
+EPILOGUE = {"epilogue": "scale+bias+filter"}
+SCALE = 0.5
+
+
+def gemm_shapes(tokens: int, d: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of a transformer block's GEMMs: projection, MLP up, MLP down."""
+    return [(tokens, d, d), (tokens, d, 4 * d), (tokens, 4 * d, d)]
+
+
+def cost(M: int, K: int, N: int, dtype: torch.dtype) -> tuple[int, int]:
+    e = torch.empty((), dtype=dtype).element_size()
+    return (M * K + K * N + M * N + N) * e, 2 * M * N * K
+
+
+# --------------------------------------------------------------------------------------------- callables
+
+
+def _eager_sequence(a, b, bias, s):
+    y = torch.matmul(a, b) * s + bias
+    return torch.where(torch.isfinite(y), y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def make_matmul(backend: str, M: int, K: int, N: int, dtype: torch.dtype, device: torch.device):
+    def make():
+        gen = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(M, K, device=device, generator=gen).to(dtype)
+        b = (torch.randn(K, N, device=device, generator=gen) / K**0.5).to(dtype)
+        bias = torch.randn(N, device=device, generator=gen).to(dtype)
+        s = torch.tensor(SCALE, device=device)
+        if backend == harness.PEER_EAGER:
+            return lambda: _eager_sequence(a, b, bias, s)
+        if backend == PEER_MATMUL:
+            return lambda: torch.matmul(a, b)
+        from dalle_fast import ops
+
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        return lambda: ops.scaled_matmul(
+            a, b, bias, scale=s, filter_nonfinite=True, nonfinite_flag=flag, backend=backend
+        )
+
+    return make
+
+
+def make_resblock(backend: str, scheme: str, tokens: int, d: int, dtype: torch.dtype, device: torch.device):
+    def make():
+        from torch import nn
+
+        from dalle_fast.amp import PerResblockGradScaler, ScaledResidual
+        from dalle_fast.nn import ScaledLinear
+
+        torch.manual_seed(0)
+        up = ScaledLinear(d, 4 * d, device=device, compute_dtype=dtype, backend=backend)
+        down = ScaledLinear(4 * d, d, device=device, compute_dtype=dtype, backend=backend)
+        block = nn.Sequential(up, nn.GELU(), down)
+        if scheme == "per-resblock":
+            scaler = PerResblockGradScaler(1, device=device)
+            layer = ScaledResidual(block, scaler, 0, out_proj=down, compute_dtype=dtype, backend=backend)
+        else:
+
+            def layer(x):
+                return x + block(x.to(dtype)).float()
+
+        x = torch.randn(tokens, d, device=device, requires_grad=True)
+        g = torch.randn(tokens, d, device=device)
+        params = [x, *block.parameters()]
+        return lambda: torch.autograd.grad(layer(x), params, g)
+
+    return make
+
+
+# ----------------------------------------------------------------------------------------------- suite
+
+
+def dtypes_for(device: torch.device, quick: bool = False) -> list[torch.dtype]:
+    if device.type == "cuda":
+        return [torch.float16] if quick else [torch.float16, torch.bfloat16]
+    return [torch.float32] if quick else [torch.float32, torch.bfloat16]
+
+
+def cases(device: torch.device, *, smoke: bool = False, quick: bool = False) -> list[dict]:
+    if smoke:
+        tokens, dmodels = SMOKE_TOKENS, SMOKE_DMODELS
+    elif device.type == "cpu":
+        tokens, dmodels = CPU_TOKENS, CPU_DMODELS
+    else:
+        tokens, dmodels = TOKENS, QUICK_DMODELS if quick else DMODELS
+    out = []
+    for d in dmodels:
+        for dtype in dtypes_for(device, quick):
+            for M, K, N in gemm_shapes(tokens, d):
+                out.append({"op": "scaled_matmul", "shape": (M, K, N), "dtype": dtype, "mode": "fwd", "d": d})
+    res_dtypes = [torch.float16] if device.type == "cuda" or smoke else [torch.bfloat16]
+    for d in dmodels:
+        for dtype in res_dtypes:
+            out.append({"op": "resblock", "shape": (tokens, d), "dtype": dtype, "mode": "fwd+bwd", "d": d})
+    return out
+
+
+def case_id(c: dict) -> str:
+    return f"{c['op']}-{c['mode']}-{harness.dtype_name(c['dtype'])}-{'x'.join(map(str, c['shape']))}"
+
+
+def our_backends(device: torch.device) -> list[str]:
+    from dalle_fast.ops.matmul import available_backends
+
+    want = GPU_BACKENDS if device.type == "cuda" else CPU_BACKENDS
+    return [b for b in available_backends("scaled_matmul", device) if b in want]
+
+
+def run_case(suite: harness.Suite, c: dict) -> list[dict]:
+    device = suite.device
+    dtype, mode = c["dtype"], c["mode"]
+    recs = []
+    if c["op"] == "scaled_matmul":
+        M, K, N = c["shape"]
+        nbytes, flops = cost(M, K, N, dtype)
+        for backend in our_backends(device) + [harness.PEER_EAGER, PEER_MATMUL]:
+            common = dict(
+                op="scaled_matmul", backend=backend, dtype=dtype, shape=c["shape"], mode=mode, variant=EPILOGUE
+            )
+            recs.append(
+                suite.measure(**common, make=make_matmul(backend, M, K, N, dtype, device), nbytes=nbytes, flops=flops)
+            )
+        return recs
+    tokens, d = c["shape"]
+    flops = 3 * 2 * 2 * tokens * d * 4 * d
+    nbytes = 2 * tokens * d * 4 + 2 * (d * 4 * d) * 4  # x, dx (fp32); weights and their grads (fp32)
+    for backend in our_backends(device):
+        for scheme in ("plain-fp16", "per-resblock"):
+            common = dict(
+                op="resblock", backend=backend, dtype=dtype, shape=c["shape"], mode=mode, variant={"scheme": scheme}
+            )
+            make = make_resblock(backend, scheme, tokens, d, dtype, device)
+            recs.append(suite.measure(**common, make=make, nbytes=nbytes, flops=flops))
+    return recs
+
+
+# ----------------------------------------------------------------------------------------------- goals
+
+
+def _goal(name, values, target, better, fmt):
+    from .gumbel import _goal as gumbel_goal  # one PASS/MISS rule for every family
+
+    return gumbel_goal(name, values, target, better, fmt)
+
+
+def _ratio_rows(records, backend, num_backend, key_variant=None):
+    """(t_other / t_ours, label) for scaled_matmul records of `backend` against the `num_backend` peer."""
+    by = {}
+    for r in records:
+        if r.get("status") == "ok" and r["op"] == "scaled_matmul":
+            by[(r["backend"], r["dtype"], tuple(r["shape"]))] = r
+    out = []
+    for (b, dt, shape), r in by.items():
+        peer = by.get((num_backend, dt, shape))
+        if b == backend and peer is not None:
+            out.append((peer["median_s"] / r["median_s"], f"{dt} {'x'.join(map(str, shape))}"))
+    return out
+
+
+def _overhead_rows(records, backend):
+    by = {}
+    for r in records:
+        if r.get("status") == "ok" and r["op"] == "resblock" and r["backend"] == backend:
+            by[(r["dtype"], tuple(r["shape"]), r["variant"]["scheme"])] = r
+    out = []
+    for (dt, shape, scheme), r in by.items():
+        plain = by.get((dt, shape, "plain-fp16"))
+        if scheme == "per-resblock" and plain is not None:
+            out.append((r["median_s"] / plain["median_s"] - 1, f"{dt} tokens x d = {'x'.join(map(str, shape))}"))
+    return out
+
+
+def goals(records: list[dict], kind: str) -> list[dict]:
+    rows = []
+    if kind == "cpu":
+        for b in CPU_BACKENDS:
+            rows.append(
+                _goal(
+                    f"{b} scaled_matmul (GEMM + fused epilogue) vs the eager sequence",
+                    _ratio_rows(records, b, harness.PEER_EAGER),
+                    ">= 1.3x",
+                    "high",
+                    ".2f",
+                )
+            )
+            rows.append(
+                _goal(
+                    f"{b} scaled_matmul vs plain torch.matmul (information)",
+                    _ratio_rows(records, b, PEER_MATMUL),
+                    ">= 0x",
+                    "high",
+                    ".2f",
+                )
+            )
+            rows.append(
+                _goal(
+                    f"{b} per-resblock scheme overhead on an MLP block fwd+bwd (information)",
+                    _overhead_rows(records, b),
+                    "<= 1000%",
+                    "low",
+                    ".1%",
+                )
+            )
+        return rows
+    for b in GPU_BACKENDS:
+        rows.append(
+            _goal(
+                f"{b} scaled_matmul vs plain torch.matmul (cuBLAS)",
+                _ratio_rows(records, b, PEER_MATMUL),
+                ">= 0.95x",
+                "high",
+                ".2f",
+            )
+        )
+        rows.append(
+            _goal(
+                f"{b} scaled_matmul vs the eager sequence",
+                _ratio_rows(records, b, harness.PEER_EAGER),
+                ">= 1.5x",
+                "high",
+                ".2f",
+            )
+        )
+        rows.append(
+            _goal(
+                f"{b} per-resblock scheme overhead on an MLP block fwd+bwd",
+                _overhead_rows(records, b),
+                "<= 3%",
+                "low",
+                ".1%",
+            )
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- runner
+
+
+def settings_from_env() -> dict:
+    smoke = harness.env_flag("DALLE_FAST_BENCH_SMOKE")
+    dev = os.environ.get("DALLE_FAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    budget = os.environ.get("DALLE_FAST_BENCH_TIME_BUDGET")
+    reps = os.environ.get("DALLE_FAST_BENCH_REPEATS")
+    return {
+        "device": torch.device(dev),
+        "smoke": smoke,
+        "quick": harness.env_flag("DALLE_FAST_BENCH_QUICK"),
+        "time_budget_s": float(budget) if budget else None,
+        "repeats": int(reps) if reps else None,
+        "out_dir": os.environ.get("DALLE_FAST_BENCH_OUT") or None,
+    }
+
+
+def new_suite(s: dict) -> harness.Suite:
+    notes = []
+    if s["device"].type == "cpu" and not s["smoke"]:
+        notes.append(
+            f"CPU run: {CPU_TOKENS} tokens instead of {TOKENS} and d_model {CPU_DMODELS} only, fp32 and bf16 (torch's "
+            "fp16 GEMM on CPU is a slow reference loop), to fit a short run on 2 shared cores"
+        )
+    repeats, warmup = s["repeats"], None
+    if s["quick"]:
+        notes.append("quick mode: fewer d_model values and dtypes")
+        if s["device"].type == "cuda" and not s["smoke"]:
+            repeats, warmup = repeats or 20, 5
+    return harness.Suite(
+        FAMILY,
+        s["device"],
+        smoke=s["smoke"],
+        quick=s["quick"],
+        repeats=repeats,
+        warmup=warmup,
+        out_dir=s["out_dir"],
+        time_budget_s=s["time_budget_s"],
+        notes=notes,
+    )
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and dtypes")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--time-budget", type=float, help="seconds; later cases are recorded as skipped")
+    p.add_argument("--out", help="results folder (default benchmarks/results)")
+    a = p.parse_args(argv)
+    s = settings_from_env()
+    for k, v in (
+        ("device", a.device and torch.device(a.device)),
+        ("repeats", a.repeats),
+        ("time_budget_s", a.time_budget),
+        ("out_dir", a.out),
+    ):
+        if v:
+            s[k] = v
+    s["smoke"] = s["smoke"] or a.smoke
+    s["quick"] = s["quick"] or a.quick
+    try:
+        suite = new_suite(s)
+    except harness.InterpreterRefused as e:
+        print(f"refused: {e}")
+        return 2
+    interrupted = None
+    try:
+        with harness.terminate_as_interrupt():
+            for c in cases(s["device"], smoke=s["smoke"], quick=s["quick"]):
+                for r in run_case(suite, c):
+                    status = r["status"] if r["status"] != "ok" else f"{r['median_s'] * 1e3:.3f} ms"
+                    label = r["backend"] + (f" {r['variant']['scheme']}" if "scheme" in r["variant"] else "")
+                    print(f"{case_id(c):<48} {label:<26} {status}", flush=True)
+    except KeyboardInterrupt as e:
+        interrupted = f"interrupted ({e or 'SIGINT'}): the records stop there"
+        suite.notes.append(interrupted)
+    res = suite.finish(goals)
+    print(res["text"])
+    print(f"wrote {res['json']} and {res['summary']}")
+    if interrupted:
+        return 3
+    return 1 if any(r["status"] == "error" for r in suite.records) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
