@@ -12,8 +12,9 @@ scale, the bias, the rounding to the output dtype, the non-finite filter and the
                 program that saw one: no atomics, any order gives the same result)
     PRESCALE_A (a fp32, b fp16/bf16): each a tile is multiplied by s in fp32 and rounded to b's dtype as it
     is loaded, and the epilogue does not scale: s rides on a (the backward of an fp16 block reading its fp32
-    entering gradient, DESIGN section 6). DOT_F32: the tiles are widened to fp32 before tl.dot (bf16 under
-    the interpreter, whose bf16 arithmetic is wrong).
+    entering gradient, DESIGN section 6). INT64: 64-bit element offsets, set by the launcher only when an
+    offset can pass 2**31 (32-bit index math keeps the sm_90 tiles free of spills). DOT_F32: the tiles
+    are widened to fp32 before tl.dot (bf16 under the interpreter, whose bf16 arithmetic is wrong).
     Grid: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) programs in GROUP_M-row swizzled order (programs that run
     together share b's column tiles in L2).
     Backward (autograd in dalle_fast/ops/matmul.py, on this same kernel): da = s * (g @ b^T),
@@ -40,7 +41,7 @@ def _scaled_matmul_fwd_kernel(
     M, N, K,
     alpha,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, FILTER: tl.constexpr, PRESCALE_A: tl.constexpr,
-    IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+    IEEE: tl.constexpr, DOT_F32: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -62,8 +63,12 @@ def _scaled_matmul_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    if INT64:  # element offsets past 2**31 (the launcher decides): 64-bit index math, more registers
+        a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    else:
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
@@ -96,7 +101,10 @@ def _scaled_matmul_fwd_kernel(
         nbad = tl.sum(tl.sum((mask & ~ok).to(tl.int32), axis=1), axis=0)
         if nbad > 0:
             tl.store(flag_ptr, 1)
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+    if INT64:
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+    else:
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, r, mask=mask)
 
 

@@ -193,7 +193,7 @@ def _matmul_jobs(quick: bool) -> list[tuple]:
                            "alpha": "fp32"}  # fmt: skip
                     consts = {"stride_ak": 1, "stride_bn": 1, "stride_on": 1,
                               "HAS_BIAS": has_bias, "HAS_SCALE": has_scale, "FILTER": filt,
-                              "PRESCALE_A": a_dt != b_dt, "IEEE": b_dt == "fp32", "DOT_F32": False,
+                              "PRESCALE_A": a_dt != b_dt, "IEEE": b_dt == "fp32", "DOT_F32": False, "INT64": False,
                               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                               "GROUP_M": cfg.group_m}  # fmt: skip
                     for name in consts:
@@ -205,8 +205,10 @@ def _matmul_jobs(quick: bool) -> list[tuple]:
                     key = (label,)
                     if key not in seen:
                         seen.add(key)
+                        aligned = ("a_ptr", "b_ptr", "bias_ptr", "out_ptr", "stride_am", "stride_bk", "stride_om",
+                                   "M", "N", "K")  # fmt: skip
                         jobs.append(("_scaled_matmul_fwd_kernel", sig, consts, cfg.num_warps, label,
-                                     {"num_stages": cfg.num_stages}))  # fmt: skip
+                                     {"num_stages": cfg.num_stages, "divisible_by_16": aligned}))  # fmt: skip
     x_out = [("fp16", "fp32"), ("fp32", "fp16")] if quick else [(x, o) for x in _DTYPES for o in _DTYPES]
     for x_dt, o_dt in x_out:
         for invert in (True, False):
@@ -247,12 +249,17 @@ def _compile_one(job):
 
     kern = _kernel_module(kernel)
     fn = getattr(kern, kernel)
+    opts = dict(extra[0]) if extra else {}
+    # Arguments the JIT would specialise as divisible by 16 (aligned pointers, strides and sizes that are
+    # multiples of 16, as on the benchmark shapes): without them loads cannot be vectorised or pipelined.
+    aligned = opts.pop("divisible_by_16", ())
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     target = GPUTarget("cuda", 90, 32)
     errors = []
     compiled = None
     # ASTSource's signature format changed across triton versions: try the current forms in turn.
     attempts = [
-        lambda: triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
+        lambda: triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
         lambda: triton.compiler.ASTSource(
             fn=fn, signature={k: v for k, v in sig.items() if v != "constexpr"}, constexprs=consts
         ),

@@ -37,7 +37,7 @@ class MatmulConfig(NamedTuple):
 # shared-memory ring at 96 KiB (fp16). fp32 "ieee" dots do not use tensor cores: smaller tiles keep
 # registers below the spill point (scripts/triton_aot_check.py checks every entry for sm_90).
 CONFIGS: dict[int, dict[str, MatmulConfig]] = {
-    9: {"low": MatmulConfig(128, 128, 64, 8, 8, 3), "fp32": MatmulConfig(64, 64, 32, 8, 4, 3)},
+    9: {"low": MatmulConfig(128, 128, 64, 8, 8, 3), "fp32": MatmulConfig(64, 64, 32, 8, 8, 2)},
     8: {"low": MatmulConfig(128, 128, 32, 8, 4, 4), "fp32": MatmulConfig(64, 64, 32, 8, 4, 3)},
 }
 DEFAULT_CONFIG = {"low": MatmulConfig(64, 64, 32, 8, 4, 2), "fp32": MatmulConfig(32, 32, 32, 8, 4, 2)}
@@ -53,7 +53,7 @@ CANDIDATES: dict[int, dict[str, list[MatmulConfig]]] = {
             MatmulConfig(128, 128, 64, 8, 4, 4),
             MatmulConfig(64, 128, 64, 8, 4, 4),
         ],
-        "fp32": [MatmulConfig(64, 64, 32, 8, 4, 3), MatmulConfig(128, 64, 32, 8, 8, 3)],
+        "fp32": [MatmulConfig(64, 64, 32, 8, 8, 2), MatmulConfig(128, 64, 32, 8, 8, 2)],
     },
 }
 SCALE_FILTER_BLOCK = 2048
@@ -128,13 +128,20 @@ def _launch_matmul(a2, b, bias, scale, out2, flag, alpha, filter_nonfinite, pres
     N = b.shape[1]
     grid = (triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n),)
     dot_f32 = _interpreting() and b.dtype == torch.bfloat16  # bf16 arithmetic is wrong in the interpreter
+    # The largest element offset each pointer tile can reach (strides may be 0 or negative-free views).
+    reach = max(
+        (M - 1) * abs(a2.stride(0)) + (K - 1) * abs(a2.stride(1)) + cfg.block_m * abs(a2.stride(0)),
+        (K - 1) * abs(b.stride(0)) + (N - 1) * abs(b.stride(1)) + cfg.block_k * abs(b.stride(0)) * 2,
+        (M - 1) * abs(out2.stride(0)) + (N - 1) * abs(out2.stride(1)),
+    )
+    int64 = reach + cfg.block_m * cfg.block_n >= 2**31
     _kernels()._scaled_matmul_fwd_kernel[grid](
         a2, b, bias if bias is not None else out2, scale if scale is not None else flag, out2, flag,
         a2.stride(0), a2.stride(1), b.stride(0), b.stride(1), out2.stride(0), out2.stride(1),
         M, N, K,
         alpha,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, FILTER=filter_nonfinite, PRESCALE_A=prescale,
-        IEEE=b.dtype == torch.float32, DOT_F32=dot_f32,
+        IEEE=b.dtype == torch.float32, DOT_F32=dot_f32, INT64=int64,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
