@@ -1,17 +1,19 @@
 // C++ CPU backend of the scaled matmul family: scaled_matmul and scale_filter (schemas in csrc/ops.cpp,
 // semantics in dalle_fast/reference/matmul.py, per-element math in dalle_fast/epilogue.h shared with CUDA).
 //
-// scaled_matmul = an optimised GEMM into an fp32 accumulator, then ONE fused epilogue pass (scale, bias,
-// rounding to the output dtype, non-finite filter and flag). The GEMM is at::mm in fp32 (MKL / oneDNN sgemm,
-// multithreaded): fp16 and bf16 operands are widened to fp32 first. Products of fp16 / bf16 values are exact
-// in fp32, so this is exactly "fp32 accumulation"; and torch's own fp16 GEMM on CPU is a slow reference loop
-// (2048x1024x4096: ~40 s against ~0.1 s for sgemm on 2 cores), while the widening costs one pass over the
-// operands. The accumulator is fp32 so that s multiplies the exact sum (an fp16 accumulator would overflow
-// before an unscaling s < 1 and round twice).
-//
-// Cache use: the rows of a @ b are produced in panels of about kPanelBytes of fp32 accumulator (a few MiB,
-// within the 32 MiB L3), and each panel's epilogue runs right after its GEMM, while the panel is still in
-// cache; the accumulator never exists in full (8192 x 4096 fp32 would be 128 MiB of extra memory).
+// scaled_matmul = an optimised GEMM (at::mm: MKL / oneDNN, multithreaded) over the whole problem, then ONE
+// fused epilogue pass (scale, bias, rounding to the output dtype, non-finite filter and flag), in place when
+// the GEMM's result already has the output dtype. Per operand dtype:
+//   fp32  sgemm straight into `out`; the epilogue rewrites it in place: no memory beyond the output.
+//   bf16  oneDNN's bf16 GEMM (fp32 accumulation inside, one rounding to bf16) straight into `out`, epilogue in
+//         place. The accumulator reaches the epilogue rounded to bf16 (CPU only; bf16 has fp32's range, so
+//         nothing overflows before s < 1 unscales it; the double rounding is within bf16's tolerance). torch's
+//         CPU GEMM offers no bf16 -> fp32 output, and widening to sgemm was 3-5x slower than oneDNN bf16.
+//   fp16  torch's fp16 GEMM on CPU is a slow reference loop (2048x1024x4096: ~40 s on 2 cores, against ~0.1 s
+//         for sgemm), so both operands are widened to fp32 (products of fp16 values are exact in fp32: this is
+//         exactly fp32 accumulation) and sgemm writes an fp32 accumulator that the epilogue rounds to fp16.
+// Panels of rows (GEMM then epilogue while the panel is in cache) were tried and dropped: every panel's GEMM
+// call re-packs b, which cost more (2048x1024x4096 fp32: 0.77 s against 0.42 s) than the cache saved.
 // The epilogue is a loop over independent elements, compiled for AVX-512, AVX2 and baseline by
 // target_clones like the Gumbel kernels.
 #include <ATen/ATen.h>
@@ -36,8 +38,6 @@
 namespace dalle_fast {
 namespace {
 
-constexpr int64_t kPanelBytes = 4 << 20;  // fp32 accumulator rows per GEMM call (then their epilogue)
-
 inline float to_f32(float v) { return v; }
 inline float to_f32(c10::BFloat16 v) { return uint32_as_float(static_cast<uint32_t>(v.x) << 16); }
 inline float to_f32(c10::Half v) { return static_cast<float>(v); }
@@ -47,14 +47,14 @@ inline T from_f32(float v) {
   return static_cast<T>(v);
 }
 
-// One row of the epilogue: y[j] = round_T(s * acc[j] + bias[j]), filtered. Returns whether any element was
-// not finite in T.
-template <typename T, typename B, bool kFilter>
-DF_CLONES bool epilogue_row(const float* __restrict acc, const B* __restrict bias, float s, int64_t n,
-                            T* __restrict y) {
+// One row of the epilogue: y[j] = round_T(s * acc[j] + bias[j]), filtered. acc and y may be the same memory
+// (the in-place epilogue): element j is read before it is written and no other element is touched, so they
+// are deliberately not __restrict. Returns whether any element was not finite in T.
+template <typename T, typename A, typename B, bool kFilter>
+DF_CLONES bool epilogue_row(const A* acc, const B* __restrict bias, float s, int64_t n, T* y) {
   bool bad = false;
   for (int64_t j = 0; j < n; ++j) {
-    const float v = epilogue_affine(acc[j], s, bias ? to_f32(bias[j]) : 0.0f);
+    const float v = epilogue_affine(to_f32(acc[j]), s, bias ? to_f32(bias[j]) : 0.0f);
     const T r = from_f32<T>(v);
     if constexpr (kFilter) {
       const float back = to_f32(r);
@@ -163,42 +163,48 @@ std::tuple<at::Tensor, at::Tensor> scaled_matmul_cpu(const at::Tensor& a_in, con
     s = 1.0f;
   }
   const at::Tensor a2 = a.reshape({rows, K});
-  const at::Tensor bf = b.scalar_type() == at::kFloat ? b : b.to(at::kFloat);
+  at::Tensor out2 = out.view({rows, N});
+  // The GEMM: its result `acc` is `out` itself (fp32, bf16) or an fp32 accumulator (fp16).
+  at::Tensor acc;
+  if (K == 0) {
+    acc = at::zeros({rows, N}, a_in.options().dtype(at::kFloat));
+  } else if (out_st == at::kHalf) {
+    acc = at::mm(a2.to(at::kFloat), b.to(at::kFloat));
+  } else {
+    at::mm_out(out2, a2, b);
+    acc = out2;
+  }
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t panel = std::clamp<int64_t>(kPanelBytes / (4 * N), 16, rows);
-  at::Tensor acc = at::empty({panel, N}, a_in.options().dtype(at::kFloat));
   std::atomic<bool> any_bad{false};
   dispatch_float(out_st, [&](auto tag) {
     using T = decltype(tag);
-    T* y = out.data_ptr<T>();
-    for (int64_t r0 = 0; r0 < rows; r0 += panel) {
-      const int64_t pr = std::min(panel, rows - r0);
-      at::Tensor accp = acc.narrow(0, 0, pr);
-      at::Tensor ap = a2.narrow(0, r0, pr);
-      if (K == 0) {
-        accp.zero_();
+    T* y = out2.data_ptr<T>();
+    auto run_rows = [&](auto atag, auto btag) {
+      using A = decltype(atag);
+      using B = decltype(btag);
+      const A* accd = acc.data_ptr<A>();
+      const B* bd = bias_c.defined() ? bias_c.data_ptr<B>() : nullptr;
+      at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t i0, int64_t i1) {
+        bool bad = false;
+        for (int64_t i = i0; i < i1; ++i) {
+          const A* ar = accd + i * N;
+          T* yr = y + i * N;
+          bad |= filter ? epilogue_row<T, A, B, true>(ar, bd, s, N, yr) : epilogue_row<T, A, B, false>(ar, bd, s, N, yr);
+        }
+        if (bad) any_bad.store(true, std::memory_order_relaxed);
+      });
+    };
+    auto with_acc = [&](auto btag) {
+      if (acc.scalar_type() == at::kFloat) {
+        run_rows(float{}, btag);
       } else {
-        at::mm_out(accp, ap.scalar_type() == at::kFloat ? ap : ap.to(at::kFloat), bf);
+        run_rows(T{}, btag);
       }
-      const float* accd = accp.data_ptr<float>();
-      auto run_rows = [&](auto btag) {
-        using B = decltype(btag);
-        const B* bd = bias_c.defined() ? bias_c.data_ptr<B>() : nullptr;
-        at::parallel_for(0, pr, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t i0, int64_t i1) {
-          bool bad = false;
-          for (int64_t i = i0; i < i1; ++i) {
-            const float* ar = accd + i * N;
-            T* yr = y + (r0 + i) * N;
-            bad |= filter ? epilogue_row<T, B, true>(ar, bd, s, N, yr) : epilogue_row<T, B, false>(ar, bd, s, N, yr);
-          }
-          if (bad) any_bad.store(true, std::memory_order_relaxed);
-        });
-      };
-      if (!bias_c.defined() || bias_c.scalar_type() == at::kFloat) {
-        run_rows(float{});
-      } else {
-        run_rows(T{});
-      }
+    };
+    if (!bias_c.defined() || bias_c.scalar_type() == at::kFloat) {
+      with_acc(float{});
+    } else {
+      with_acc(T{});
     }
   });
   if (any_bad.load()) flag.fill_(1);
