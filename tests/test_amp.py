@@ -292,7 +292,7 @@ def test_deep_fp16_underflow_global_vs_per_resblock():
     # one global scale, as a loss scaler settles it: the largest power of two without a non-finite gradient
     blocks = _deep_blocks()
     net = nn.Sequential(*[_PlainResidual(b, torch.float16) for b in blocks])
-    scale = 2.0**16
+    scale = 2.0**12  # (the search starts near the answer to keep the test short; from 2**24 it ends the same)
     while True:
         net.zero_grad()
         (loss_fn(net(x)) * scale).backward()
@@ -301,18 +301,18 @@ def test_deep_fp16_underflow_global_vs_per_resblock():
         scale /= 2
     global_zero = _zero_fraction(blocks, N_BLOCKS - 6, N_BLOCKS)
 
-    # per-resblock scales, settled by the scaler's own back-off from the maximum (cooldown 0, halving)
+    # per-resblock scales, settled by the scaler's own back-off from the maximum (cooldown 0, steps of 16x)
     blocks = _deep_blocks()
-    scaler = PerResblockGradScaler(N_BLOCKS, init_scale=2.0**24, backoff_factor=0.5, cooldown=0)
+    scaler = PerResblockGradScaler(N_BLOCKS, init_scale=2.0**24, backoff_factor=2.0**-4, cooldown=0)
     net = nn.Sequential(*[ScaledResidual(b, scaler, i) for i, b in enumerate(blocks)])
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    for _ in range(30):
+    for _ in range(10):
         net.zero_grad()
         loss_fn(net(x)).backward()
         if scaler.step(opt):
             break
     else:
-        pytest.fail("the per-resblock scales did not settle in 30 steps")
+        pytest.fail("the per-resblock scales did not settle in 10 steps")
     net.zero_grad()
     loss_fn(net(x)).backward()
     scaler.unscale_(opt)

@@ -45,10 +45,6 @@ def _eager_low(a, b, bias, s):
     return y + bias if bias is not None else y
 
 
-def _dtypes(device):
-    return [torch.float32, torch.float16, torch.bfloat16]
-
-
 # Forward parity ------------------------------------------------------------------------------------------
 
 
