@@ -46,13 +46,8 @@ INTERPRETER_CONFIG = MatmulConfig(32, 32, 32, 4, 4, 1)
 # Candidates timed by the optional GPU autotune (sm_90 first; other archs use their table entry and these).
 CANDIDATES: dict[int, dict[str, list[MatmulConfig]]] = {
     9: {
-        "low": [
-            MatmulConfig(128, 128, 64, 8, 8, 3),
-            MatmulConfig(128, 256, 64, 8, 8, 3),
-            MatmulConfig(256, 128, 64, 8, 8, 3),
-            MatmulConfig(128, 128, 64, 8, 4, 4),
-            MatmulConfig(64, 128, 64, 8, 4, 4),
-        ],
+        # 128x256, 256x128 (8 warps) and 128x128 on 4 warps with 4 stages spill on sm_90 (AOT check): not listed.
+        "low": [MatmulConfig(128, 128, 64, 8, 8, 3), MatmulConfig(64, 128, 64, 8, 4, 4)],
         "fp32": [MatmulConfig(64, 64, 32, 8, 8, 2), MatmulConfig(128, 64, 32, 8, 8, 2)],
     },
 }
