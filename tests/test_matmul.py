@@ -97,6 +97,15 @@ def test_empty_and_k0(device, backend):
     assert_close(y, bias.expand(4, 6))
     y = ops.scaled_matmul(torch.randn(0, 5, device=device), torch.randn(5, 3, device=device), backend=backend)
     assert y.shape == (0, 3)
+    # gradients through K = 0 and M = 0
+    for a_shape, K in (((4, 0), 0), ((0, 5), 5)):
+        a = torch.randn(a_shape, device=device, requires_grad=True)
+        b = torch.randn(K, 3, device=device, requires_grad=True)
+        bias = torch.randn(3, device=device, requires_grad=True)
+        y = ops.scaled_matmul(a, b, bias, scale=2.0, backend=backend)
+        da, db, dbias = torch.autograd.grad(y, (a, b, bias), torch.ones_like(y))
+        assert da.shape == a.shape and db.shape == b.shape
+        assert_close(dbias, torch.full((3,), float(a_shape[0]), device=device))
 
 
 # Filter and flag -----------------------------------------------------------------------------------------

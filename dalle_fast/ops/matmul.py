@@ -60,13 +60,12 @@ def _make_matmul_backward(op):
         da = db = dbias = None
         if grad is None:
             return None, None, None, None, None, None
-        K, N = b.shape
         if ctx.needs_input_grad[0]:
             da = op(grad, b.t(), None, ctx.alpha, scale, False)[0].to(a.dtype)
         if ctx.needs_input_grad[1]:
-            db = op(a.reshape(-1, K).t(), grad.reshape(-1, N), None, ctx.alpha, scale, False)[0].to(b.dtype)
+            db = op(a.flatten(0, -2).t(), grad.flatten(0, -2), None, ctx.alpha, scale, False)[0].to(b.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = grad.reshape(-1, N).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+            dbias = grad.flatten(0, -2).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return da, db, dbias, None, None, None
 
     return backward
@@ -332,15 +331,14 @@ class _ScaledLinearFn(torch.autograd.Function):
                 return reference.scaled_matmul(a, b, None, 1.0, gs, False)[0]
             return _op(backend, "scaled_matmul")(a, b, None, 1.0, gs, False)[0]
 
-        out_f, in_f = w.shape
         if grad.dtype != x.dtype and grad.dtype != torch.float32:
             grad = grad.float()  # e.g. a bf16 grad of an fp16 layer: let the fp32 path scale and round it
-        g2 = grad.reshape(-1, out_f)
+        g2 = grad.flatten(0, -2)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = mm(grad, w).to(x.dtype)  # s * (g @ W): the entering scale as the GEMM's scale
         if ctx.needs_input_grad[1]:
-            dw = mm(g2.t(), x.reshape(-1, in_f)).to(ctx.dtypes[0])
+            dw = mm(g2.t(), x.flatten(0, -2)).to(ctx.dtypes[0])
         if ctx.dtypes[1] is not None and ctx.needs_input_grad[2]:
             db = g2.sum(0, dtype=torch.float32)
             if gs is not None:
