@@ -302,20 +302,10 @@ def goals(records: list[dict], kind: str) -> list[dict]:
 
 def settings_from_env() -> dict:
     """DALLE_FAST_BENCH_* variables shared by the pytest wrapper and the command line."""
-    smoke = harness.env_flag("DALLE_FAST_BENCH_SMOKE")
-    dev = os.environ.get("DALLE_FAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    s = harness.common_settings()
     batch = os.environ.get("DALLE_FAST_BENCH_CPU_BATCH", str(CPU_DVAE_BATCH))
-    budget = os.environ.get("DALLE_FAST_BENCH_TIME_BUDGET")
-    reps = os.environ.get("DALLE_FAST_BENCH_REPEATS")
-    return {
-        "device": torch.device(dev),
-        "smoke": smoke,
-        "quick": harness.env_flag("DALLE_FAST_BENCH_QUICK"),
-        "cpu_batch": int(batch) if batch else None,
-        "time_budget_s": float(budget) if budget else None,
-        "repeats": int(reps) if reps else None,
-        "out_dir": os.environ.get("DALLE_FAST_BENCH_OUT") or None,
-    }
+    s["cpu_batch"] = int(batch) if batch else None
+    return s
 
 
 def new_suite(s: dict) -> harness.Suite:
@@ -341,50 +331,13 @@ def new_suite(s: dict) -> harness.Suite:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat")
-    p.add_argument("--quick", action="store_true", help="fewer dtypes")
+    p = harness.family_parser(__doc__.splitlines()[0])
     p.add_argument("--cpu-batch", type=int, help=f"B of the dVAE shape on CPU (default {CPU_DVAE_BATCH})")
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--time-budget", type=float, help="seconds; later cases are recorded as skipped")
-    p.add_argument("--out", help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
-    s = settings_from_env()
-    for k, v in (
-        ("device", a.device and torch.device(a.device)),
-        ("cpu_batch", a.cpu_batch),
-        ("repeats", a.repeats),
-        ("time_budget_s", a.time_budget),
-        ("out_dir", a.out),
-    ):
-        if v:
-            s[k] = v
-    s["smoke"] = s["smoke"] or a.smoke
-    s["quick"] = s["quick"] or a.quick
-    try:
-        suite = new_suite(s)
-    except harness.InterpreterRefused as e:
-        print(f"refused: {e}")
-        return 2
-    interrupted = None
-    try:
-        with harness.terminate_as_interrupt():
-            for c in cases(s["device"], smoke=s["smoke"], quick=s["quick"], cpu_batch=s["cpu_batch"]):
-                for r in run_case(suite, c):
-                    status = r["status"] if r["status"] != "ok" else f"{r['median_s'] * 1e3:.3f} ms"
-                    print(f"{case_id(c):<60} {r['backend']:<14} {status}", flush=True)
-    except KeyboardInterrupt as e:  # SIGTERM from `timeout` too: keep what was measured
-        interrupted = f"interrupted ({e or 'SIGINT'}): the records stop there"
-        suite.notes.append(interrupted)
-    res = suite.finish(goals)
-    print(res["text"])
-    print(f"wrote {res['json']} and {res['summary']}")
-    if interrupted:
-        return 3
-    return 1 if any(r["status"] == "error" for r in suite.records) else 0
+    s = harness.apply_args(settings_from_env(), a)
+    s["cpu_batch"] = a.cpu_batch or s["cpu_batch"]
+    todo = cases(s["device"], smoke=s["smoke"], quick=s["quick"], cpu_batch=s["cpu_batch"])
+    return harness.run_family(lambda: new_suite(s), todo, run_case, case_id, goals)
 
 
 if __name__ == "__main__":

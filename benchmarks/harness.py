@@ -54,6 +54,9 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 PEER_EAGER = "torch"  # PyTorch's own eager implementation: the baseline of "speed-up over eager"
 PEER_COMPILE = "torch.compile"  # torch.compile of that same implementation
 PEERS = (PEER_EAGER, PEER_COMPILE)
+# Ratio keys per peer: (backend name, key in speedup_vs_<key> / memory_vs_<key>, column label of the summary).
+# A family with other peers (e.g. attention: masked SDPA, FlexAttention) passes its own list to Suite.
+DEFAULT_PEERS = ((PEER_EAGER, "torch", "torch"), (PEER_COMPILE, "compile", "comp"))
 MEMORY_DISAGREEMENT = 0.10  # CPU: flag a record whose profiler and RSS peaks differ by more than this...
 MEMORY_CHECK_MIN_BYTES = 128 << 20  # ...when the peak is this large: smaller blocks come from glibc's heap
 # (below its mmap threshold, at most 32 MiB), which reuses freed pages without returning them, so RSS
@@ -367,8 +370,10 @@ class Suite:
         out_dir: str | Path | None = None,
         time_budget_s: float | None = None,
         notes: list[str] | None = None,
+        peers: tuple[tuple[str, str, str], ...] = DEFAULT_PEERS,
     ):
         refuse_interpreter()
+        self.peers = tuple(peers)
         self.family = family
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -504,16 +509,14 @@ class Suite:
             if r.get("status") == "ok":
                 by_case.setdefault(_case_key(r), {})[r["backend"]] = r
         for recs in by_case.values():
-            eager, comp = recs.get(PEER_EAGER), recs.get(PEER_COMPILE)
             for r in recs.values():
-                if eager is not None:
-                    r["speedup_vs_torch"] = eager["median_s"] / r["median_s"]
-                    if eager.get("peak_extra_bytes"):
-                        r["memory_vs_torch"] = r["peak_extra_bytes"] / eager["peak_extra_bytes"]
-                if comp is not None:
-                    r["speedup_vs_compile"] = comp["median_s"] / r["median_s"]
-                    if comp.get("peak_extra_bytes"):
-                        r["memory_vs_compile"] = r["peak_extra_bytes"] / comp["peak_extra_bytes"]
+                for peer, key, _ in self.peers:
+                    base = recs.get(peer)
+                    if base is None:
+                        continue
+                    r[f"speedup_vs_{key}"] = base["median_s"] / r["median_s"]
+                    if base.get("peak_extra_bytes"):
+                        r[f"memory_vs_{key}"] = r["peak_extra_bytes"] / base["peak_extra_bytes"]
                 if self.device.type == "cuda":
                     cb = self.copy_gbps(r["bytes"])
                     if cb:
@@ -542,6 +545,7 @@ class Suite:
             },
             "memory": __doc__.split("Peak extra memory", 1)[1].split('"""')[0].strip(),
             "notes": self.notes,
+            "peers": [list(p) for p in self.peers],
             "goals": goal_rows,
             "records": self.records,
         }
@@ -573,6 +577,7 @@ def _fmt(x, spec=".2f", suffix="") -> str:
 
 def summary_text(doc: dict) -> str:
     m = doc["machine"]
+    peers = [tuple(p) for p in doc.get("peers") or DEFAULT_PEERS]
     lines = [
         f"{doc['family']} benchmarks{' (SMOKE: tiny shapes, 1 repeat; figures meaningless)' if doc['smoke'] else ''}",
         f"machine: {m['kind']} {m.get('device_name')} | cpu {m['cpu_model']} x{m['cpu_affinity']} "
@@ -580,21 +585,25 @@ def summary_text(doc: dict) -> str:
         f"triton {m['triton']} | load {m.get('loadavg_at_start')} -> {m.get('loadavg_at_end')} "
         f"| commit {str(m['commit'])[:10]}{'+dirty' if m['commit_dirty'] else ''} | {m['date']}",
         f"timing: median of {doc['settings']['repeats']} after {doc['settings']['warmup']} warm-up + 1 memory call "
-        f"({doc['settings']['timer']}); vs torch / vs compile = speed-up over torch eager / torch.compile "
-        "measured in this run; mem = peak extra bytes of one call",
+        f"({doc['settings']['timer']}); vs X = speed-up over peer X measured in this run ("
+        + ", ".join(f"{label} = {peer}" for peer, _, label in peers)
+        + "); mem = peak extra bytes of one call",
     ]
     lines += [f"note: {n}" for n in doc["notes"]]
     gpu = m["kind"] == "gpu"
+    (_, key1, label1), (_, key2, label2) = (peers + [(None, None, "-")] * 2)[:2]
+    tiles = any("tflops_computed" in r for r in doc["records"])  # sparse attention: work on computed tiles
     hdr = (
-        f"{'op':<15}{'variant':<18}{'dtype':<9}{'shape':<18}{'mode':<8}{'backend':<14}{'median':>10}"
-        f"{'GB/s':>9}{'TFLOP/s':>9}{'vs torch':>9}{'vs comp':>8}{'mem':>9}{'mem/torch':>10}"
+        f"{'op':<17}{'variant':<18}{'dtype':<9}{'shape':<18}{'mode':<8}{'backend':<14}{'median':>10}"
+        f"{'GB/s':>9}{'TFLOP/s':>9}{'vs ' + label1:>9}{'vs ' + label2:>8}{'mem':>9}{'mem/' + label1:>10}"
         + (f"{'%copy':>7}" if gpu else f"{'mem(rss)':>10}")
+        + (f"{'TF/s tiles':>11}{'tiles':>7}" if tiles else "")
     )
     lines += ["", hdr, "-" * len(hdr)]
     for r in doc["records"]:
         variant = ",".join(f"{k}={v}" for k, v in r["variant"].items() if k != "tau")
         head = (
-            f"{r['op']:<15}{variant:<18}{r['dtype']:<9}{'x'.join(map(str, r['shape'])):<18}{r['mode']:<8}"
+            f"{r['op']:<17}{variant:<18}{r['dtype']:<9}{'x'.join(map(str, r['shape'])):<18}{r['mode']:<8}"
             f"{r['backend']:<14}"
         )
         if r.get("status") != "ok":
@@ -607,11 +616,13 @@ def summary_text(doc: dict) -> str:
             if gpu
             else f"{_fmt_bytes(r.get('peak_extra_bytes_rss')):>10}"
         )
+        if tiles:
+            tail += f"{_fmt(r.get('tflops_computed'), '.3g'):>11}{_fmt(r.get('computed_fraction'), '.0%'):>7}"
         lines.append(
             head + f"{t:>10}{r['gbps']:>9.1f}{r['tflops']:>9.3g}"
-            f"{_fmt(r.get('speedup_vs_torch'), '.2f', 'x'):>9}"
-            f"{_fmt(r.get('speedup_vs_compile'), '.2f', 'x'):>8}{_fmt_bytes(r.get('peak_extra_bytes')):>9}"
-            f"{_fmt(r.get('memory_vs_torch'), '.2f', 'x'):>10}" + tail
+            f"{_fmt(r.get(f'speedup_vs_{key1}'), '.2f', 'x'):>9}"
+            f"{_fmt(r.get(f'speedup_vs_{key2}'), '.2f', 'x'):>8}{_fmt_bytes(r.get('peak_extra_bytes')):>9}"
+            f"{_fmt(r.get(f'memory_vs_{key1}'), '.2f', 'x'):>10}" + tail
         )
     if doc["goals"]:
         lines += ["", "goals:"]
@@ -629,3 +640,72 @@ def summary_text(doc: dict) -> str:
         f"elapsed: {doc['settings']['elapsed_s']} s",
     ]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- family runners
+
+
+def common_settings() -> dict:
+    """The DALLE_FAST_BENCH_* settings every family reads (the pytest wrappers and the command lines)."""
+    dev = os.environ.get("DALLE_FAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    budget = os.environ.get("DALLE_FAST_BENCH_TIME_BUDGET")
+    reps = os.environ.get("DALLE_FAST_BENCH_REPEATS")
+    return {
+        "device": torch.device(dev),
+        "smoke": env_flag("DALLE_FAST_BENCH_SMOKE"),
+        "quick": env_flag("DALLE_FAST_BENCH_QUICK"),
+        "time_budget_s": float(budget) if budget else None,
+        "repeats": int(reps) if reps else None,
+        "out_dir": os.environ.get("DALLE_FAST_BENCH_OUT") or None,
+    }
+
+
+def family_parser(description: str):
+    """A family's command line: --device, --smoke, --quick, --repeats, --time-budget, --out."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="fewer cases / repeats (the family says which)")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--time-budget", type=float, help="seconds; later cases are recorded as skipped")
+    p.add_argument("--out", help="results folder (default benchmarks/results)")
+    return p
+
+
+def apply_args(settings: dict, args) -> dict:
+    """Command-line values over the environment's."""
+    for k, v in (("device", args.device and torch.device(args.device)), ("repeats", args.repeats),
+                 ("time_budget_s", args.time_budget), ("out_dir", args.out)):  # fmt: skip
+        if v:
+            settings[k] = v
+    settings["smoke"] = settings["smoke"] or args.smoke
+    settings["quick"] = settings["quick"] or args.quick
+    return settings
+
+
+def run_family(new_suite, cases, run_case, case_id, goals) -> int:
+    """Measure every case, write the results, print the summary. Exit status: 0 ok, 1 a backend failed,
+    2 refused (interpreter), 3 interrupted (SIGINT/SIGTERM; what was measured is still written)."""
+    try:
+        suite = new_suite()
+    except InterpreterRefused as e:
+        print(f"refused: {e}")
+        return 2
+    interrupted = None
+    try:
+        with terminate_as_interrupt():
+            for c in cases:
+                for r in run_case(suite, c):
+                    status = r["status"] if r["status"] != "ok" else f"{r['median_s'] * 1e3:.3f} ms"
+                    print(f"{case_id(c):<60} {r['backend']:<14} {status}", flush=True)
+    except KeyboardInterrupt as e:  # SIGTERM from `timeout` too: keep what was measured
+        interrupted = f"interrupted ({e or 'SIGINT'}): the records stop there"
+        suite.notes.append(interrupted)
+    res = suite.finish(goals)
+    print(res["text"])
+    print(f"wrote {res['json']} and {res['summary']}")
+    if interrupted:
+        return 3
+    return 1 if any(r["status"] == "error" for r in suite.records) else 0

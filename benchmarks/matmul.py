@@ -23,8 +23,6 @@ Minimum bytes and flops of scaled_matmul: read a, b and bias, write out: (M K + 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import harness
@@ -40,6 +38,8 @@ GPU_BACKENDS = ("cuda", "triton")
 CPU_BACKENDS = ("cpp",)
 PEER_MATMUL = "torch.matmul"
 EPILOGUE = {"epilogue": "scale+bias+filter"}
+# The peers whose ratios the harness computes per case: (backend, key of speedup_vs_<key>, column label).
+PEERS = ((harness.PEER_EAGER, "torch", "vs eager"), (PEER_MATMUL, "matmul", "vs mm"))
 SCALE = 0.5
 EPILOGUE_K = 64  # the epilogue-bound case: tokens x 64 -> 4 d, where the output dominates the work
 
@@ -289,18 +289,8 @@ def goals(records: list[dict], kind: str) -> list[dict]:
 
 
 def settings_from_env() -> dict:
-    smoke = harness.env_flag("DALLE_FAST_BENCH_SMOKE")
-    dev = os.environ.get("DALLE_FAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    budget = os.environ.get("DALLE_FAST_BENCH_TIME_BUDGET")
-    reps = os.environ.get("DALLE_FAST_BENCH_REPEATS")
-    return {
-        "device": torch.device(dev),
-        "smoke": smoke,
-        "quick": harness.env_flag("DALLE_FAST_BENCH_QUICK"),
-        "time_budget_s": float(budget) if budget else None,
-        "repeats": int(reps) if reps else None,
-        "out_dir": os.environ.get("DALLE_FAST_BENCH_OUT") or None,
-    }
+    """DALLE_FAST_BENCH_* variables shared by the pytest wrapper and the command line."""
+    return harness.common_settings()
 
 
 def new_suite(s: dict) -> harness.Suite:
@@ -325,53 +315,15 @@ def new_suite(s: dict) -> harness.Suite:
         out_dir=s["out_dir"],
         time_budget_s=s["time_budget_s"],
         notes=notes,
+        peers=PEERS,
     )
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and dtypes")
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--time-budget", type=float, help="seconds; later cases are recorded as skipped")
-    p.add_argument("--out", help="results folder (default benchmarks/results)")
-    a = p.parse_args(argv)
-    s = settings_from_env()
-    for k, v in (
-        ("device", a.device and torch.device(a.device)),
-        ("repeats", a.repeats),
-        ("time_budget_s", a.time_budget),
-        ("out_dir", a.out),
-    ):
-        if v:
-            s[k] = v
-    s["smoke"] = s["smoke"] or a.smoke
-    s["quick"] = s["quick"] or a.quick
-    try:
-        suite = new_suite(s)
-    except harness.InterpreterRefused as e:
-        print(f"refused: {e}")
-        return 2
-    interrupted = None
-    try:
-        with harness.terminate_as_interrupt():
-            for c in cases(s["device"], smoke=s["smoke"], quick=s["quick"]):
-                for r in run_case(suite, c):
-                    status = r["status"] if r["status"] != "ok" else f"{r['median_s'] * 1e3:.3f} ms"
-                    label = r["backend"] + (f" {r['variant']['scheme']}" if "scheme" in r["variant"] else "")
-                    print(f"{case_id(c):<48} {label:<26} {status}", flush=True)
-    except KeyboardInterrupt as e:
-        interrupted = f"interrupted ({e or 'SIGINT'}): the records stop there"
-        suite.notes.append(interrupted)
-    res = suite.finish(goals)
-    print(res["text"])
-    print(f"wrote {res['json']} and {res['summary']}")
-    if interrupted:
-        return 3
-    return 1 if any(r["status"] == "error" for r in suite.records) else 0
+    a = harness.family_parser(__doc__.splitlines()[0]).parse_args(argv)
+    s = harness.apply_args(settings_from_env(), a)
+    todo = cases(s["device"], smoke=s["smoke"], quick=s["quick"])
+    return harness.run_family(lambda: new_suite(s), todo, run_case, case_id, goals)
 
 
 if __name__ == "__main__":

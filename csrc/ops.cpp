@@ -25,6 +25,24 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def("gumbel_softmax_bwd(Tensor grad, Tensor logits, float tau, int dim, int seed, int offset) -> Tensor");
   // argmax(logits + g, dim) as int64, dim removed (torch.argmax semantics: first index on ties, NaN wins).
   m.def("gumbel_argmax(Tensor logits, int dim, int seed, int offset) -> Tensor");
+
+  // Block-sparse DALL-E attention (DESIGN section 4; dalle_fast/masks.py, csrc/include/dalle_fast/attention.h).
+  // q, k, v [B, H, L, D]; kind 0 full, 1 row, 2 column, 3 conv; kernel the conv size; torus its variant.
+  // The tile layout (dalle_fast.masks.tile_layout for block_m x block_n tiles of the processing order) is
+  // passed in as int32 CSR arrays: per query tile the key tiles to visit (kv_*), per key tile the query
+  // tiles that visit it (q_*); *_partial marks tiles that need the element mask.
+  // Returns out (memory [B, L, H, D], viewed as [B, H, L, D]) in q's dtype and lse [B, H, L] fp32 (the
+  // natural logsumexp of the scaled, masked scores of each query row).
+  m.def(
+      "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_indptr, Tensor kv_index, Tensor kv_partial, "
+      "int kind, int text_len, int grid_h, int grid_w, int kernel, bool torus, float scale, int block_m, "
+      "int block_n) -> (Tensor, Tensor)");
+  // Gradients (dq, dk, dv), each like the forward's out (memory [B, L, H, D]); grad_out may be strided.
+  m.def(
+      "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor kv_indptr, Tensor kv_index, Tensor kv_partial, Tensor q_indptr, Tensor q_index, Tensor q_partial, "
+      "int kind, int text_len, int grid_h, int grid_w, int kernel, bool torus, float scale, int block_m, "
+      "int block_n) -> (Tensor, Tensor, Tensor)");
 }
 
 // Scaled matmul family (DESIGN section 6; semantics in dalle_fast/reference/matmul.py). Registered as a second

@@ -12,6 +12,6 @@ __version__ = "0.1.0"
 _extension.load()
 extension_error: str | None = _extension.load_error
 
-from . import ops  # noqa: E402  (registers the ops' fakes and autograd)
+from . import masks, ops  # noqa: E402  (ops registers the fakes and autograd)
 
-__all__ = ["BACKENDS", "BackendUnavailable", "extension_error", "ops", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "BackendUnavailable", "extension_error", "masks", "ops", "use_backend", "__version__"]

@@ -7,10 +7,9 @@ import sys
 import torch
 
 import dalle_fast
-from dalle_fast.ops.gumbel import OPS
-from dalle_fast.ops.matmul import OPS as MATMUL_OPS
+from dalle_fast.ops import attention, gumbel, matmul
 
-OPS = tuple(OPS) + tuple(MATMUL_OPS)  # every family's op names, appended per family
+OPS = gumbel.OPS + attention.OPS + matmul.OPS
 
 if dalle_fast.extension_error:
     sys.exit(f"dalle_fast._C did not load: {dalle_fast.extension_error}")

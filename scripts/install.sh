@@ -10,6 +10,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip "setuptools>=64" wheel
 .venv/bin/python -m pip install -q "torch==${DALLE_FAST_TORCH:-2.14.1}" numpy ninja pytest pytest-benchmark scipy ruff
+# Test-only: the official dVAE (pip package dall-e) for the parity and loader tests; --no-deps, since it
+# pins torchvision, Pillow, blobfile and mypy, none of which those tests use.
+.venv/bin/python -m pip install -q --no-deps dall-e && .venv/bin/python -m pip install -q attrs requests
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 .venv/bin/python - <<'PY'

@@ -114,6 +114,72 @@ FAMILIES = {"gumbel": gumbel}
 FAMILIES["matmul"] = matmul
 
 
+def attention(device: torch.device) -> list[str]:
+    """sparse_attention forward and backward for every kind on ragged layouts (partial last tiles, column
+    layers fed a prefix), head sizes 32/64/128, fp16/bf16 (and fp32 where the backend serves it), contiguous,
+    [B, L, H, D]-transposed and fused-qkv-strided inputs, strided gradients, L == 1 and B * H == 0."""
+    from dalle_fast import ops
+    from dalle_fast.ops import attention as attn_ops
+
+    failures = []
+    # (kind, text_len, grid, L, kernel, conv_variant)
+    layouts = [
+        ("full", 5, (5, 7), 37, 11, "clipped"),
+        ("row", 0, (9, 9), 81, 11, "clipped"),
+        ("column", 16, (12, 12), 159, 11, "clipped"),
+        ("column", 5, (5, 7), 33, 11, "clipped"),
+        ("conv", 16, (12, 12), 150, 5, "clipped"),
+        ("conv", 3, (6, 7), 45, 5, "torus"),
+    ]
+
+    def qkv(b, h, n, d, dtype, layout):
+        out = []
+        for _ in range(3):
+            if layout == "blhd":
+                x = torch.randn(b, n, h, d, device=device).transpose(1, 2)
+            elif layout == "strided":
+                x = torch.randn(b, n, 3, h, d, device=device)[:, :, 1].transpose(1, 2)
+            else:
+                x = torch.randn(b, h, n, d, device=device)
+            out.append(x.to(dtype).requires_grad_(True))
+        return out
+
+    def run(backend, kind, t, grid, n, kern, variant, b, h, d, dtype, layout):
+        tag = f"{backend} {kind}-{variant} T={t} grid={grid} L={n} B={b} H={h} D={d} {dtype} {layout}"
+        try:
+            q, k, v = qkv(b, h, n, d, dtype, layout)
+            kw = dict(kind=kind, text_len=t, grid_size=grid, kernel=kern, conv_variant=variant, backend=backend)
+            out = ops.sparse_attention(q, k, v, **kw)
+            g = torch.randn(b, h, n, 2 * d, device=device).to(dtype)[..., ::2]  # strided grad_out
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+            torch.cuda.synchronize(device)
+            for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+                if not bool(torch.isfinite(x.float()).all()):
+                    failures.append(f"sparse_attention {tag}: non-finite {name}")
+        except Exception as e:
+            failures.append(f"sparse_attention {tag}: {type(e).__name__}: {str(e)[:300]}")
+
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    probe = {dt: torch.empty(1, 1, 8, 32, device=device, dtype=dt) for dt in dtypes}
+    for backend in ("cuda", "triton"):
+        i = 0
+        for dtype, like in probe.items():
+            if backend not in attn_ops.available_backends(like):
+                continue
+            for kind, t, grid, n, kern, variant in layouts:
+                for d in (32, 64, 128):
+                    layout = ("contiguous", "blhd", "strided")[i % 3]
+                    run(backend, kind, t, grid, n, kern, variant, 2, 3, d, dtype, layout)
+                    i += 1
+            run(backend, "row", 4, (2, 2), 1, 11, "clipped", 1, 2, 64, dtype, "contiguous")  # L == 1
+            run(backend, "full", 4, (2, 2), 6, 11, "clipped", 0, 2, 64, dtype, "contiguous")  # B * H == 0
+            run(backend, "column", 256, (32, 32), 1279, 11, "clipped", 1, 2, 64, dtype, "contiguous")  # the paper's
+    return failures
+
+
+FAMILIES["attention"] = attention
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", action="append", help="repeatable; default: all")

@@ -5,6 +5,7 @@ dispatch. Every function takes `backend=None | "triton" | "cuda" | "cpp" | "eage
 """
 
 from .._dispatch import BACKENDS, BackendUnavailable, use_backend
+from .attention import sparse_attention
 from .gumbel import available_backends, gumbel_argmax, gumbel_noise, gumbel_softmax
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "gumbel_argmax",
     "gumbel_noise",
     "gumbel_softmax",
+    "sparse_attention",
     "use_backend",
 ]
 
