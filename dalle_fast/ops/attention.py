@@ -26,7 +26,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 128)
 OPS = ("sparse_attention_fwd", "sparse_attention_bwd")
 # Tile sizes (block_m queries x block_n keys) of the C++ backends; Triton's come from its launcher.
-CXX_BLOCKS = {"cpp": (64, 64), "cuda": (64, 64)}
+CXX_BLOCKS = {"cpp": (32, 32), "cuda": (64, 64)}
 
 
 def _triton():

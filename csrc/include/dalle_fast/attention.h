@@ -47,18 +47,35 @@ DF_HD int processing_length(const MaskSpec& m) {
   return (m.kind == kMaskColumn && m.seq_len > m.text_len) ? m.text_len + m.grid_h * m.grid_w : m.seq_len;
 }
 
-DF_HD bool raster_allowed(const MaskSpec& m, int q, int k) {
-  if (k > q) return false;
-  if (k < m.text_len) return true;
-  const int iq = q - m.text_len, ik = k - m.text_len;  // both >= 0 here
-  switch (m.kind) {
+// A raster position with its image coordinates (row = i / W, col = i % W of i = position - T; 0 for text
+// positions, where they are not used). The kernels compute these once per tile row and column, so that the
+// element mask of a tile costs no integer division per pair.
+struct MaskPoint {
+  int r;    // raster row
+  int row;  // image row
+  int col;  // image column
+};
+
+DF_HD MaskPoint mask_point_raster(const MaskSpec& m, int r) {
+  const int i = r < m.text_len ? 0 : r - m.text_len;
+  return MaskPoint{r, i / m.grid_w, i % m.grid_w};
+}
+
+// The point of processing position p.
+DF_HD MaskPoint mask_point(const MaskSpec& m, int p) { return mask_point_raster(m, processing_row(m, p)); }
+
+// raster_allowed of two points (the one definition of the predicate).
+DF_HD bool raster_allowed_points(const MaskSpec& m, MaskPoint q, MaskPoint k) {
+  if (k.r > q.r) return false;
+  if (k.r < m.text_len) return true;
+  switch (m.kind) {  // both are image positions here
     case kMaskRow:
-      return iq - ik <= m.grid_w;
+      return q.r - k.r <= m.grid_w;
     case kMaskColumn:
-      return iq % m.grid_w == ik % m.grid_w;
+      return q.col == k.col;
     case kMaskConv: {
-      int dr = mask_abs(iq / m.grid_w - ik / m.grid_w);
-      int dc = mask_abs(iq % m.grid_w - ik % m.grid_w);
+      int dr = mask_abs(q.row - k.row);
+      int dc = mask_abs(q.col - k.col);
       if (m.torus) {
         dr = mask_min(dr, m.grid_h - dr);
         dc = mask_min(dc, m.grid_w - dc);
@@ -70,10 +87,18 @@ DF_HD bool raster_allowed(const MaskSpec& m, int q, int k) {
   }
 }
 
+DF_HD bool raster_allowed(const MaskSpec& m, int q, int k) {
+  return raster_allowed_points(m, mask_point_raster(m, q), mask_point_raster(m, k));
+}
+
+// processing_allowed of the points of two processing positions.
+DF_HD bool processing_allowed_points(const MaskSpec& m, MaskPoint q, MaskPoint k) {
+  return q.r < m.seq_len && k.r < m.seq_len && raster_allowed_points(m, q, k);
+}
+
 // The element mask of a partial tile, in processing positions; absent rows are never allowed.
 DF_HD bool processing_allowed(const MaskSpec& m, int pq, int pk) {
-  const int rq = processing_row(m, pq), rk = processing_row(m, pk);
-  return rq < m.seq_len && rk < m.seq_len && raster_allowed(m, rq, rk);
+  return processing_allowed_points(m, mask_point(m, pq), mask_point(m, pk));
 }
 
 // Online softmax over key tiles, per query row: m running max of the scaled scores, l running sum of
