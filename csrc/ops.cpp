@@ -43,6 +43,31 @@ TORCH_LIBRARY(dalle_fast, m) {
       "Tensor kv_indptr, Tensor kv_index, Tensor kv_partial, Tensor q_indptr, Tensor q_index, Tensor q_partial, "
       "int kind, int text_len, int grid_h, int grid_w, int kernel, bool torus, float scale, int block_m, "
       "int block_n) -> (Tensor, Tensor, Tensor)");
+
+  // The dVAE's fused ops (DESIGN section 5; math in csrc/include/dalle_fast/dvae.h). reduction: 0 none, 1 mean,
+  // 2 sum (torch's order).
+  // conv1x1(gumbel_softmax(logits, tau, hard, dim=1), weight, bias) without the [B, K, *spatial] relaxation:
+  // logits [B, K, *spatial], weight [C, K], bias [C] -> (out [B, C, *spatial] in logits' dtype, lse [B, S]
+  // fp32 = logsumexp over K of (logits + g) / tau per pixel, idx [B, S] int64 = argmax of logits + g in hard
+  // mode, else [0, 0]).
+  m.def(
+      "gumbel_quantize_fwd(Tensor logits, Tensor weight, Tensor? bias, float tau, bool hard, int seed, int offset) "
+      "-> (Tensor, Tensor, Tensor)");
+  // (d logits [contiguous, logits' dtype], d weight [C, K], weight's dtype) of the soft relaxation (hard:
+  // straight-through: soft d logits, one-hot d weight), recomputed from logits, seed and the forward's lse/idx.
+  m.def(
+      "gumbel_quantize_bwd(Tensor grad, Tensor logits, Tensor weight, Tensor lse, Tensor idx, float tau, bool hard, "
+      "int seed, int offset) -> (Tensor, Tensor)");
+  // -ln f(x | mu, exp(log_b)) of the logit-Laplace density, fp32 (x, mu, log_b of one shape and dtype).
+  m.def("logit_laplace_nll_fwd(Tensor x, Tensor mu, Tensor log_b, int reduction) -> Tensor");
+  // (d x, d mu, d log_b) in the inputs' dtype.
+  m.def(
+      "logit_laplace_nll_bwd(Tensor grad, Tensor x, Tensor mu, Tensor log_b, int reduction) -> (Tensor, Tensor, "
+      "Tensor)");
+  // KL(softmax(logits, dim) || uniform) fp32 (reduced, or logits' shape without dim), and the per-row
+  // stats [2, rows] fp32 (lse, sum q ln q) the backward reads.
+  m.def("categorical_kl_uniform_fwd(Tensor logits, int dim, int reduction) -> (Tensor, Tensor)");
+  m.def("categorical_kl_uniform_bwd(Tensor grad, Tensor logits, Tensor stats, int dim, int reduction) -> Tensor");
 }
 
 // Scaled matmul family (DESIGN section 6; semantics in dalle_fast/reference/matmul.py). Registered as a second
