@@ -9,3 +9,4 @@ FAMILIES = {
     "attention": "benchmarks.attention",
     "dvae": "benchmarks.dvae",
 }
+FAMILIES["matmul"] = "benchmarks.matmul"

@@ -69,3 +69,23 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def("categorical_kl_uniform_fwd(Tensor logits, int dim, int reduction) -> (Tensor, Tensor)");
   m.def("categorical_kl_uniform_bwd(Tensor grad, Tensor logits, Tensor stats, int dim, int reduction) -> Tensor");
 }
+
+// Scaled matmul family (DESIGN section 6; semantics in dalle_fast/reference/matmul.py). Registered as a second
+// block so that each family's schemas stay together.
+//   s = alpha * scale: scale is an optional 0-dim fp32 tensor on the op's device, read there (no host sync).
+//   The flag is int32 of shape [1]: 1 when filter_nonfinite found an element that is not finite in the
+//   output dtype (that element is written as 0), else 0. Ops with autograd cannot mutate their arguments,
+//   so the flag is returned; the public functions OR it into the caller's nonfinite_flag.
+TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
+  // out = s * (a @ b) + bias, fp32 accumulation. a [..., M, K], b [K, N], bias [N]. a and b share a dtype
+  // (fp16, bf16, fp32; out in it), or a is fp32 and b fp16/bf16: a is multiplied by s and rounded to b's
+  // dtype as it is read (out in b's dtype).
+  m.def(
+      "scaled_matmul(Tensor a, Tensor b, Tensor? bias, float alpha, Tensor? scale, bool filter_nonfinite)"
+      " -> (Tensor out, Tensor flag)");
+  // out = x * s (x / s when invert) rounded to dtype, fp32 math: the block-entry unscale (and filter and flag)
+  // of the per-resblock gradient scaling, and the scaled cast at the block's exit.
+  m.def(
+      "scale_filter(Tensor x, float alpha, Tensor? scale, bool invert, bool filter_nonfinite, ScalarType dtype)"
+      " -> (Tensor out, Tensor flag)");
+}

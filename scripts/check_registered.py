@@ -7,9 +7,9 @@ import sys
 import torch
 
 import dalle_fast
-from dalle_fast.ops import attention, gumbel
+from dalle_fast.ops import attention, gumbel, matmul
 
-OPS = gumbel.OPS + attention.OPS
+OPS = gumbel.OPS + attention.OPS + matmul.OPS
 
 from dalle_fast.ops import dvae  # noqa: E402
 

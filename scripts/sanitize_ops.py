@@ -62,7 +62,56 @@ def gumbel(device: torch.device) -> list[str]:
     return failures
 
 
+def matmul(device: torch.device) -> list[str]:
+    """scaled_matmul (fwd and the three gradients) and scale_filter on ragged and awkward shapes."""
+    from dalle_fast import ops
+    from dalle_fast.ops.matmul import available_backends
+
+    failures = []
+    shapes = [
+        ((37, 45), 29),
+        ((2, 19, 33), 40),
+        ((1, 1), 1),
+        ((130, 257), 129),
+        ((0, 8), 5),
+        ((5, 0), 3),
+        ((3, 200), 1),
+    ]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for backend in [b for b in available_backends("scaled_matmul", device) if b in ("cuda", "triton")]:
+        for a_shape, N in shapes:
+            for dtype in dtypes:
+                tag = f"{backend} {dtype} a{a_shape} N={N}"
+                try:
+                    K = a_shape[-1]
+                    a = torch.randn(a_shape, device=device).to(dtype).requires_grad_(True)
+                    bt = torch.randn(N, K, device=device).to(dtype)
+                    b = bt.t().requires_grad_(True)  # non-contiguous b
+                    bias = torch.randn(N, device=device).to(dtype).requires_grad_(True)
+                    s = torch.tensor(0.5, device=device)
+                    flag = torch.zeros(1, dtype=torch.int32, device=device)
+                    y = ops.scaled_matmul(
+                        a, b, bias, scale=s, filter_nonfinite=True, nonfinite_flag=flag, backend=backend
+                    )
+                    y.backward(torch.randn_like(y))
+                    ok = bool(torch.isfinite(y.float()).all()) and a.grad is not None
+                    if not ok:
+                        failures.append(f"scaled_matmul {tag}: non-finite values")
+                    if flag.item() != 0:
+                        failures.append(f"scaled_matmul {tag}: flag set on clean input")
+                    if dtype != torch.float32 and a.numel():  # the mixed fp32-a path
+                        ops.scaled_matmul(a.detach().float(), b.detach(), scale=s, backend=backend)
+                    x = torch.randn(a_shape, device=device).to(dtype)
+                    ops.scale_filter(x, s, invert=True, filter_nonfinite=True, dtype=torch.float32, backend=backend)
+                    ops.scale_filter(x.float(), s, dtype=dtype, backend=backend)
+                    torch.cuda.synchronize(device)
+                except Exception as e:
+                    failures.append(f"{tag}: {type(e).__name__}: {str(e)[:300]}")
+    return failures
+
+
 FAMILIES = {"gumbel": gumbel}
+FAMILIES["matmul"] = matmul
 
 
 def dvae(device: torch.device) -> list[str]:

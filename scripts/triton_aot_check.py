@@ -8,6 +8,9 @@ cuobjdump shipped with triton (triton/backends/nvidia/bin) with -res-usage on th
 of kernel, config, registers, spill (local memory / stack) bytes and shared memory. Exit status 1 on any
 spill or compile failure.
 
+The scaled matmul kernels (kernels/matmul.py) are covered by _matmul_jobs: every entry of the launcher's
+config table for sm_90 and the default, the sm_90 autotune candidates, each operand dtype and epilogue switch.
+
 Usage: python scripts/triton_aot_check.py [--jobs N] [--quick] [--filter SUBSTR]
 Must run WITHOUT TRITON_INTERPRET (the interpreter does not compile).
 """
@@ -338,6 +341,86 @@ def _attention_jobs(quick: bool) -> list[tuple]:
     return jobs
 
 
+# ---------------------------------------------------------------------------------------- scaled matmul
+
+
+def _load_matmul_modules():
+    import importlib.util
+
+    import triton  # noqa: F401
+
+    spec = importlib.util.spec_from_file_location(
+        "dalle_fast_kernels_matmul", os.path.join(ROOT, "kernels", "matmul.py")
+    )
+    kern = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kern)
+    spec = importlib.util.spec_from_file_location(
+        "dalle_fast_triton_matmul_launch", os.path.join(ROOT, "dalle_fast", "ops", "_triton_matmul.py")
+    )
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    return kern, launch
+
+
+def _matmul_jobs(quick: bool) -> list[tuple]:
+    """Every launcher configuration of the scaled matmul kernels: the sm_90 table entries, the default entries
+    and the sm_90 autotune candidates, for each operand dtype, with the epilogue's constexpr switches (quick:
+    only the fullest epilogue: bias, scale, filter)."""
+    _, launch = _load_matmul_modules()
+    jobs, seen = [], set()
+    configs = {"low": set(), "fp32": set()}
+    for table in (launch.CONFIGS[9], launch.DEFAULT_CONFIG):
+        for cls, cfg in table.items():
+            configs[cls].add(cfg)
+    if not quick:
+        for cls, cands in launch.CANDIDATES.get(9, {}).items():
+            configs[cls].update(cands)
+    # (a dtype, b/out dtype) per operand class; the mixed case reads an fp32 a (PRESCALE_A)
+    operands = {"low": [("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16")], "fp32": [("fp32", "fp32")]}
+    if quick:
+        operands["low"] = [("fp16", "fp16")]
+    switches = [(True, True, True)] if quick else [(hb, True, f) for hb in (True, False) for f in (True, False)]
+    for cls, cfgs in configs.items():
+        for cfg in sorted(cfgs):
+            for a_dt, b_dt in operands[cls]:
+                for has_bias, has_scale, filt in switches:
+                    sig = {"a_ptr": _DTYPES[a_dt], "b_ptr": _DTYPES[b_dt], "bias_ptr": "*fp32", "scale_ptr": "*fp32",
+                           "out_ptr": _DTYPES[b_dt], "flag_ptr": "*i32",
+                           "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "i32", "stride_bn": "constexpr",
+                           "stride_om": "i32", "stride_on": "constexpr", "M": "i32", "N": "i32", "K": "i32",
+                           "alpha": "fp32"}  # fmt: skip
+                    consts = {"stride_ak": 1, "stride_bn": 1, "stride_on": 1,
+                              "HAS_BIAS": has_bias, "HAS_SCALE": has_scale, "FILTER": filt,
+                              "PRESCALE_A": a_dt != b_dt, "IEEE": b_dt == "fp32", "DOT_F32": False, "INT64": False,
+                              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                              "GROUP_M": cfg.group_m}  # fmt: skip
+                    for name in consts:
+                        sig[name] = "constexpr"
+                    label = (
+                        f"{a_dt}x{b_dt} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+                        f" bias={int(has_bias)} filter={int(filt)}"
+                    )
+                    key = (label,)
+                    if key not in seen:
+                        seen.add(key)
+                        aligned = ("a_ptr", "b_ptr", "bias_ptr", "out_ptr", "stride_am", "stride_bk", "stride_om",
+                                   "M", "N", "K")  # fmt: skip
+                        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                        jobs.append(("_scaled_matmul_fwd_kernel", sig, consts, options, label, aligned))
+    x_out = [("fp16", "fp32"), ("fp32", "fp16")] if quick else [(x, o) for x in _DTYPES for o in _DTYPES]
+    for x_dt, o_dt in x_out:
+        for invert in (True, False):
+            for filt in (True, False):
+                sig = {"x_ptr": _DTYPES[x_dt], "scale_ptr": "*fp32", "out_ptr": _DTYPES[o_dt], "flag_ptr": "*i32",
+                       "n": "i32", "alpha": "fp32"}  # fmt: skip
+                consts = {"HAS_SCALE": True, "INVERT": invert, "FILTER": filt, "BLOCK": launch.SCALE_FILTER_BLOCK}
+                for name in consts:
+                    sig[name] = "constexpr"
+                label = f"{x_dt}->{o_dt} invert={int(invert)} filter={int(filt)} {launch.SCALE_FILTER_BLOCK}"
+                jobs.append(("_scale_filter_kernel", sig, consts, launch.SCALE_FILTER_WARPS, label))
+    return jobs
+
+
 def _cuobjdump() -> str:
     import triton
 
@@ -358,7 +441,12 @@ def _compile_one(job):
     from triton.backends.compiler import GPUTarget
 
     kern, _ = _load_modules()
-    fn = getattr(kern, kernel, None) or getattr(_load_attention(), kernel, None) or getattr(_load_dvae()[0], kernel)
+    fn = (
+        getattr(kern, kernel, None)
+        or getattr(_load_attention(), kernel, None)
+        or getattr(_load_matmul_modules()[0], kernel, None)
+        or getattr(_load_dvae()[0], kernel)
+    )
     target = GPUTarget("cuda", 90, 32)
     errors = []
     compiled = None
@@ -414,7 +502,8 @@ def main() -> int:
     args = ap.parse_args()
     import triton
 
-    jobs = [j for j in _jobs(args.quick) + _attention_jobs(args.quick) + _dvae_jobs(args.quick) if args.filter in j[0]]
+    every = _jobs(args.quick) + _attention_jobs(args.quick) + _dvae_jobs(args.quick) + _matmul_jobs(args.quick)
+    jobs = [j for j in every if args.filter in j[0]]
     print(f"triton {triton.__version__}: compiling {len(jobs)} kernel configurations for sm_90 ({args.jobs} jobs)")
     print(f"cuobjdump: {_cuobjdump()}")
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:

@@ -28,3 +28,8 @@ __all__ += [
     "map_pixels",
     "unmap_pixels",
 ]
+
+# The scaled fp16 linear layer (issue 4).
+from .linear import ScaledLinear  # noqa: E402
+
+__all__ += ["ScaledLinear"]

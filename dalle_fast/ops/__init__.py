@@ -32,3 +32,18 @@ def available_backends(op_name: str, device) -> list[str]:  # noqa: F811 - exten
     if op_name in ("gumbel_quantize", "logit_laplace_nll", "categorical_kl_uniform"):
         return _dvae_ops.available_backends(op_name, device)
     return _gumbel_ops.available_backends(op_name, device)
+
+
+# Scaled matmul family (issue 4, DESIGN section 6).
+from . import matmul as _matmul_ops  # noqa: E402
+from .matmul import scale_filter, scaled_linear, scaled_matmul  # noqa: E402
+
+__all__ += ["scale_filter", "scaled_linear", "scaled_matmul"]
+_available_backends_before_matmul = available_backends
+
+
+def available_backends(op_name: str, device) -> list[str]:  # noqa: F811 - extends it to the scaled matmul ops
+    """Backends that can serve `op_name` (any public op of the gumbel, dVAE and scaled matmul families)."""
+    if op_name in ("scaled_matmul", "scaled_linear", "scale_filter"):
+        return _matmul_ops.available_backends(op_name, device)
+    return _available_backends_before_matmul(op_name, device)
