@@ -124,7 +124,7 @@ setup(
     name="dalle_fast",
     version="0.1.0",
     description="DALL-E v1 (dVAE + sparse transformer) on fused Triton, CUDA C++ and C++ CPU kernels",
-    packages=["dalle_fast", "dalle_fast.reference", "dalle_fast.ops", "dalle_fast.kernels"],
+    packages=["dalle_fast", "dalle_fast.reference", "dalle_fast.ops", "dalle_fast.kernels", "dalle_fast.nn"],
     package_dir={"dalle_fast": "dalle_fast", "dalle_fast.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -7,4 +7,6 @@ and a pytest wrapper benchmarks/test_bench_<name>.py. Add a family here and in s
 FAMILIES = {
     "gumbel": "benchmarks.gumbel",
     "attention": "benchmarks.attention",
+    "dvae": "benchmarks.dvae",
 }
+FAMILIES["matmul"] = "benchmarks.matmul"

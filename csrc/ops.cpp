@@ -43,4 +43,49 @@ TORCH_LIBRARY(dalle_fast, m) {
       "Tensor kv_indptr, Tensor kv_index, Tensor kv_partial, Tensor q_indptr, Tensor q_index, Tensor q_partial, "
       "int kind, int text_len, int grid_h, int grid_w, int kernel, bool torus, float scale, int block_m, "
       "int block_n) -> (Tensor, Tensor, Tensor)");
+
+  // The dVAE's fused ops (DESIGN section 5; math in csrc/include/dalle_fast/dvae.h). reduction: 0 none, 1 mean,
+  // 2 sum (torch's order).
+  // conv1x1(gumbel_softmax(logits, tau, hard, dim=1), weight, bias) without the [B, K, *spatial] relaxation:
+  // logits [B, K, *spatial], weight [C, K], bias [C] -> (out [B, C, *spatial] in logits' dtype, lse [B, S]
+  // fp32 = logsumexp over K of (logits + g) / tau per pixel, idx [B, S] int64 = argmax of logits + g in hard
+  // mode, else [0, 0]).
+  m.def(
+      "gumbel_quantize_fwd(Tensor logits, Tensor weight, Tensor? bias, float tau, bool hard, int seed, int offset) "
+      "-> (Tensor, Tensor, Tensor)");
+  // (d logits [contiguous, logits' dtype], d weight [C, K], weight's dtype) of the soft relaxation (hard:
+  // straight-through: soft d logits, one-hot d weight), recomputed from logits, seed and the forward's lse/idx.
+  m.def(
+      "gumbel_quantize_bwd(Tensor grad, Tensor logits, Tensor weight, Tensor lse, Tensor idx, float tau, bool hard, "
+      "int seed, int offset) -> (Tensor, Tensor)");
+  // -ln f(x | mu, exp(log_b)) of the logit-Laplace density, fp32 (x, mu, log_b of one shape and dtype).
+  m.def("logit_laplace_nll_fwd(Tensor x, Tensor mu, Tensor log_b, int reduction) -> Tensor");
+  // (d x, d mu, d log_b) in the inputs' dtype.
+  m.def(
+      "logit_laplace_nll_bwd(Tensor grad, Tensor x, Tensor mu, Tensor log_b, int reduction) -> (Tensor, Tensor, "
+      "Tensor)");
+  // KL(softmax(logits, dim) || uniform) fp32 (reduced, or logits' shape without dim), and the per-row
+  // stats [2, rows] fp32 (lse, sum q ln q) the backward reads.
+  m.def("categorical_kl_uniform_fwd(Tensor logits, int dim, int reduction) -> (Tensor, Tensor)");
+  m.def("categorical_kl_uniform_bwd(Tensor grad, Tensor logits, Tensor stats, int dim, int reduction) -> Tensor");
+}
+
+// Scaled matmul family (DESIGN section 6; semantics in dalle_fast/reference/matmul.py). Registered as a second
+// block so that each family's schemas stay together.
+//   s = alpha * scale: scale is an optional 0-dim fp32 tensor on the op's device, read there (no host sync).
+//   The flag is int32 of shape [1]: 1 when filter_nonfinite found an element that is not finite in the
+//   output dtype (that element is written as 0), else 0. Ops with autograd cannot mutate their arguments,
+//   so the flag is returned; the public functions OR it into the caller's nonfinite_flag.
+TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
+  // out = s * (a @ b) + bias, fp32 accumulation. a [..., M, K], b [K, N], bias [N]. a and b share a dtype
+  // (fp16, bf16, fp32; out in it), or a is fp32 and b fp16/bf16: a is multiplied by s and rounded to b's
+  // dtype as it is read (out in b's dtype).
+  m.def(
+      "scaled_matmul(Tensor a, Tensor b, Tensor? bias, float alpha, Tensor? scale, bool filter_nonfinite)"
+      " -> (Tensor out, Tensor flag)");
+  // out = x * s (x / s when invert) rounded to dtype, fp32 math: the block-entry unscale (and filter and flag)
+  // of the per-resblock gradient scaling, and the scaled cast at the block's exit.
+  m.def(
+      "scale_filter(Tensor x, float alpha, Tensor? scale, bool invert, bool filter_nonfinite, ScalarType dtype)"
+      " -> (Tensor out, Tensor flag)");
 }

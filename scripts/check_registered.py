@@ -7,9 +7,13 @@ import sys
 import torch
 
 import dalle_fast
-from dalle_fast.ops import attention, gumbel
+from dalle_fast.ops import attention, gumbel, matmul
 
-OPS = gumbel.OPS + attention.OPS
+OPS = gumbel.OPS + attention.OPS + matmul.OPS
+
+from dalle_fast.ops import dvae  # noqa: E402
+
+OPS = OPS + dvae.OPS
 
 if dalle_fast.extension_error:
     sys.exit(f"dalle_fast._C did not load: {dalle_fast.extension_error}")

@@ -142,6 +142,7 @@ TEST_PATHS=(tests)
 if [ "$EXPLICIT" = 1 ]; then  # an explicit --family narrows the tests to tests/test_<family>*.py and tests/test_*_<family>*.py when they exist
   sel=()
   for f in "${FAMILIES[@]}"; do for p in tests/test_"$f"*.py tests/test_*_"$f"*.py; do [ -e "$p" ] && sel+=("$p"); done; done
+  for f in "${FAMILIES[@]}"; do [ "$f" = matmul ] && [ -e tests/test_amp.py ] && sel+=(tests/test_amp.py); done  # amp rides on matmul
   [ ${#sel[@]} -gt 0 ] && TEST_PATHS=("${sel[@]}")
 fi
 if [ $DO_TESTS = 0 ]; then record tests SKIP 0 "--no-tests"

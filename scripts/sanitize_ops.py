@@ -62,7 +62,98 @@ def gumbel(device: torch.device) -> list[str]:
     return failures
 
 
+def matmul(device: torch.device) -> list[str]:
+    """scaled_matmul (fwd and the three gradients) and scale_filter on ragged and awkward shapes."""
+    from dalle_fast import ops
+    from dalle_fast.ops.matmul import available_backends
+
+    failures = []
+    shapes = [
+        ((37, 45), 29),
+        ((2, 19, 33), 40),
+        ((1, 1), 1),
+        ((130, 257), 129),
+        ((0, 8), 5),
+        ((5, 0), 3),
+        ((3, 200), 1),
+    ]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for backend in [b for b in available_backends("scaled_matmul", device) if b in ("cuda", "triton")]:
+        for a_shape, N in shapes:
+            for dtype in dtypes:
+                tag = f"{backend} {dtype} a{a_shape} N={N}"
+                try:
+                    K = a_shape[-1]
+                    a = torch.randn(a_shape, device=device).to(dtype).requires_grad_(True)
+                    bt = torch.randn(N, K, device=device).to(dtype)
+                    b = bt.t().requires_grad_(True)  # non-contiguous b
+                    bias = torch.randn(N, device=device).to(dtype).requires_grad_(True)
+                    s = torch.tensor(0.5, device=device)
+                    flag = torch.zeros(1, dtype=torch.int32, device=device)
+                    y = ops.scaled_matmul(
+                        a, b, bias, scale=s, filter_nonfinite=True, nonfinite_flag=flag, backend=backend
+                    )
+                    y.backward(torch.randn_like(y))
+                    ok = bool(torch.isfinite(y.float()).all()) and a.grad is not None
+                    if not ok:
+                        failures.append(f"scaled_matmul {tag}: non-finite values")
+                    if flag.item() != 0:
+                        failures.append(f"scaled_matmul {tag}: flag set on clean input")
+                    if dtype != torch.float32 and a.numel():  # the mixed fp32-a path
+                        ops.scaled_matmul(a.detach().float(), b.detach(), scale=s, backend=backend)
+                    x = torch.randn(a_shape, device=device).to(dtype)
+                    ops.scale_filter(x, s, invert=True, filter_nonfinite=True, dtype=torch.float32, backend=backend)
+                    ops.scale_filter(x.float(), s, dtype=dtype, backend=backend)
+                    torch.cuda.synchronize(device)
+                except Exception as e:
+                    failures.append(f"{tag}: {type(e).__name__}: {str(e)[:300]}")
+    return failures
+
+
 FAMILIES = {"gumbel": gumbel}
+FAMILIES["matmul"] = matmul
+
+
+def dvae(device: torch.device) -> list[str]:
+    """gumbel_quantize (soft, hard; ragged pixel counts, K past one tile, odd offsets, channels-last logits),
+    logit_laplace_nll and categorical_kl_uniform (every reduction), every kernel dtype and GPU backend."""
+    from dalle_fast import ops
+
+    failures = []
+    qcases = [(2, 37, (3, 5), 11), (1, 70, (4, 4), 130), (3, 5, (1, 7), 3), (4, 33, (), 9), (1, 200, (2, 33), 64)]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for backend in [b for b in ops.available_backends("gumbel_quantize", device) if b in ("cuda", "triton")]:
+        for (B, K, sp, C), dtype, offset in [(q, d, o) for q in qcases for d in dtypes for o in (0, 3)]:
+            tag = f"{backend} {dtype} B={B} K={K} spatial={sp} C={C} offset={offset}"
+            try:
+                x = torch.randn(B, K, *sp, device=device).to(dtype)
+                if len(sp) == 2:
+                    x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels last
+                w = torch.randn(C, K, device=device, requires_grad=True)
+                b = torch.randn(C, device=device, requires_grad=True)
+                for hard in (False, True):
+                    xr = x.detach().clone().requires_grad_(True)
+                    out = ops.gumbel_quantize(xr, w, b, tau=0.7, hard=hard, seed=99, offset=offset, backend=backend)
+                    out.backward(torch.randn_like(out))
+                    if not all(bool(torch.isfinite(t.float()).all()) for t in (out, xr.grad, w.grad, b.grad)):
+                        failures.append(f"gumbel_quantize hard={hard} {tag}: non-finite values")
+                px = (torch.rand(B, K, *sp, device=device) * 0.8 + 0.1).to(dtype)
+                mu = torch.randn_like(px).requires_grad_(True)
+                lb = torch.randn_like(px).requires_grad_(True)
+                lg = x.detach().clone().requires_grad_(True)
+                for reduction in ("mean", "sum", "none"):
+                    nll = ops.logit_laplace_nll(px, mu, lb, reduction=reduction, backend=backend)
+                    kl = ops.categorical_kl_uniform(lg, 1, reduction=reduction, backend=backend)
+                    (nll.sum() + kl.sum()).backward()
+                    if not all(bool(torch.isfinite(t.float()).all()) for t in (nll, kl, mu.grad, lb.grad, lg.grad)):
+                        failures.append(f"losses reduction={reduction} {tag}: non-finite values")
+                torch.cuda.synchronize(device)
+            except Exception as e:
+                failures.append(f"{tag}: {type(e).__name__}: {str(e)[:300]}")
+    return failures
+
+
+FAMILIES["dvae"] = dvae
 
 
 def attention(device: torch.device) -> list[str]:

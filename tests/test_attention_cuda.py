@@ -7,6 +7,7 @@ bitwise determinism across many tiles. Collected only where the suite runs on cu
 
 import pytest
 import torch
+from test_sparse_attention import _check
 from tolerances import assert_within_eager_error
 
 from dalle_fast import masks, ops
@@ -111,3 +112,14 @@ def test_deterministic_paper_layout():
         runs.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_parity_bf16(backend):
+    _check(dict(kind="conv", text_len=5, grid=(5, 7), n=40, d=64), "cuda", backend, torch.bfloat16)
+
+
+def test_cuda_refuses_fp32():
+    q = torch.randn(1, 1, 8, 32, device="cuda")
+    with pytest.raises(ops.BackendUnavailable, match="float16 and bfloat16"):
+        ops.sparse_attention(q, q, q, kind="row", text_len=4, grid_size=2, backend="cuda")

@@ -29,6 +29,11 @@ __all__ += [
     "unmap_pixels",
 ]
 
+# The scaled fp16 linear layer (issue 4).
+from .linear import ScaledLinear  # noqa: E402
+
+__all__ += ["ScaledLinear"]
+
 # The DALL-E transformer (issue 6).
 from .dalle import DALLE, DALLEConfig, DALLELoss  # noqa: E402
 

@@ -14,8 +14,9 @@ odd sizes silently, ours refuses images whose height or width is not divisible b
 Gumbel-softmax relaxation fed to the decoder's codebook convolution, the logit-Laplace reconstruction NLL
 and the KL to the uniform prior computed from the encoder logits, weighted by beta, all normalised by the
 pixel count. The three steps go through small wrappers (`_gumbel_quantize`, `_logit_laplace_nll`,
-`_categorical_kl_uniform`) that use the fused ops of dalle_fast.ops once they exist and the unfused
-composition until then.
+`_categorical_kl_uniform`) around the fused ops dalle_fast.ops.gumbel_quantize, logit_laplace_nll and
+categorical_kl_uniform; their backend is chosen like any op's (ops.use_backend, DALLE_FAST_BACKEND, or
+automatically).
 """
 
 import math
@@ -28,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..reference import dvae as _ref
 
 LOGIT_LAPLACE_EPS = 0.1
 
@@ -298,26 +298,17 @@ class Decoder(nn.Module):
 
 
 def _gumbel_quantize(logits, weight, bias, *, tau, hard, seed, offset):
-    """codebook(gumbel_softmax(logits, dim=1)): the fused op once dalle_fast.ops has it, else the composition."""
-    fused = getattr(ops, "gumbel_quantize", None)
-    if fused is not None:
-        return fused(logits, weight, bias, tau=tau, hard=hard, seed=seed, offset=offset)
-    z = ops.gumbel_softmax(logits, tau, hard, dim=1, seed=seed, offset=offset)
-    return F.conv2d(z, weight, bias)
+    """codebook(gumbel_softmax(logits, dim=1)), fused (dalle_fast.ops.gumbel_quantize): the backend comes from
+    ops.use_backend / DALLE_FAST_BACKEND / the automatic choice, like every op the modules call."""
+    return ops.gumbel_quantize(logits, weight, bias, tau=tau, hard=hard, seed=seed, offset=offset)
 
 
 def _logit_laplace_nll(x, mu, log_b):
-    fused = getattr(ops, "logit_laplace_nll", None)
-    if fused is not None:
-        return fused(x, mu, log_b, reduction="mean")
-    return _ref.logit_laplace_nll(x, mu, log_b, reduction="mean")
+    return ops.logit_laplace_nll(x, mu, log_b, reduction="mean")
 
 
 def _categorical_kl_uniform(logits):
-    fused = getattr(ops, "categorical_kl_uniform", None)
-    if fused is not None:
-        return fused(logits, dim=1, reduction="mean")
-    return _ref.categorical_kl_uniform(logits, dim=1, reduction="mean")
+    return ops.categorical_kl_uniform(logits, dim=1, reduction="mean")
 
 
 class DVAEOutput(NamedTuple):

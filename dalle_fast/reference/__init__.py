@@ -18,3 +18,8 @@ __all__ = [
 from .dvae import categorical_kl_uniform, gumbel_quantize, logit_laplace_nll  # noqa: E402
 
 __all__ += ["categorical_kl_uniform", "gumbel_quantize", "logit_laplace_nll"]
+
+# Scaled matmul family (issue 4, DESIGN section 6).
+from .matmul import scale_filter, scaled_matmul  # noqa: E402
+
+__all__ += ["scale_filter", "scaled_matmul"]
