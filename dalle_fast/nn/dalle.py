@@ -46,12 +46,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import masks, ops
+from ..amp import PerResblockGradScaler, ScaledResidual
 from ..reference.masks import CONV_VARIANTS
-
-try:
-    from .linear import ScaledLinear
-except ImportError:  # until the matmul branch (issue 4) lands: the same interface on torch's linear
-    ScaledLinear = None
+from .linear import ScaledLinear
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -179,23 +176,8 @@ class DALLELoss(NamedTuple):
 # Building blocks -----------------------------------------------------------------------------------------
 
 
-class _FallbackScaledLinear(nn.Linear):
-    """ScaledLinear's interface on F.linear, used only while dalle_fast.nn.ScaledLinear is missing."""
-
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
-                 compute_dtype=torch.float16, backend=None):  # fmt: skip
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype or torch.float32)
-        self.compute_dtype, self.backend = compute_dtype, backend
-
-    def forward(self, x):
-        x = x.to(self.compute_dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), b)
-
-
 def _linear(in_f, out_f, compute_dtype, backend, device):
-    cls = ScaledLinear if ScaledLinear is not None else _FallbackScaledLinear
-    return cls(in_f, out_f, device=device, compute_dtype=compute_dtype, backend=backend)
+    return ScaledLinear(in_f, out_f, device=device, compute_dtype=compute_dtype, backend=backend)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -266,7 +248,8 @@ class DALLE(nn.Module):
     DALLE(config, *, compute_dtype=None, scaler=None, backend=None, checkpoint=False, device=None)
         compute_dtype  dtype inside the resblocks: torch.float16 (with a scaler), torch.bfloat16, torch.float32
                        (or float64 with the eager backend, for tests). None: float16 with a scaler, else float32.
-        scaler         a dalle_fast.amp.PerResblockGradScaler with 2 * n_layers blocks, or None.
+        scaler         a dalle_fast.amp.PerResblockGradScaler with 2 * n_layers blocks on the model's device
+                       (its scales are read by the kernels there), or None.
         backend        the backend of every op the model calls (None: automatic); settable later (`.backend`).
                        The loss head always runs its chunked eager composition (ops.linear_cross_entropy).
         checkpoint     recompute each resblock in backward (activation checkpointing); settable later.
@@ -297,8 +280,6 @@ class DALLE(nn.Module):
         self.image_row_emb = nn.Embedding(c.grid_h, d, **fp32)
         self.image_col_emb = nn.Embedding(c.grid_w, d, **fp32)
         if scaler is not None:
-            from ..amp import PerResblockGradScaler, ScaledResidual
-
             if not isinstance(scaler, PerResblockGradScaler):
                 raise TypeError(f"scaler: expected a dalle_fast.amp.PerResblockGradScaler, got {type(scaler).__name__}")
             if scaler.n_blocks != 2 * c.n_layers:
@@ -312,8 +293,7 @@ class DALLE(nn.Module):
                 if scaler is None:
                     blocks.append(Residual(body, compute_dtype))
                 else:
-                    out_proj = body.out_proj if ScaledLinear is not None else None
-                    blocks.append(ScaledResidual(body, scaler, 2 * i + j, out_proj=out_proj,
+                    blocks.append(ScaledResidual(body, scaler, 2 * i + j, out_proj=body.out_proj,
                                                  compute_dtype=compute_dtype, backend=backend))  # fmt: skip
         self.blocks = nn.ModuleList(blocks)  # attention and MLP resblocks alternating, 2 per layer
         self.norm = nn.LayerNorm(d, eps=c.norm_eps, **fp32)
@@ -331,7 +311,7 @@ class DALLE(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear) or (ScaledLinear is not None and isinstance(m, ScaledLinear)):
+            elif isinstance(m, (nn.Linear, ScaledLinear)):
                 nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
