@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip "setuptools>=64" wheel
-.venv/bin/python -m pip install -q "torch==${DALLE_FAST_TORCH:-2.14.1}" numpy ninja pytest pytest-benchmark scipy ruff
+.venv/bin/python -m pip install -q "torch==${DALLE_FAST_TORCH:-2.14.1}" numpy ninja pytest pytest-benchmark scipy ruff tokenizers
 # Test-only: the official dVAE (pip package dall-e) for the parity and loader tests; --no-deps, since it
 # pins torchvision, Pillow, blobfile and mypy, none of which those tests use.
 .venv/bin/python -m pip install -q --no-deps dall-e && .venv/bin/python -m pip install -q attrs requests

@@ -33,3 +33,8 @@ __all__ += [
 from .linear import ScaledLinear  # noqa: E402
 
 __all__ += ["ScaledLinear"]
+
+# The DALL-E transformer (issue 6).
+from .dalle import DALLE, DALLEConfig, DALLELoss  # noqa: E402
+
+__all__ += ["DALLE", "DALLEConfig", "DALLELoss"]

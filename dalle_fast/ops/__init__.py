@@ -47,3 +47,17 @@ def available_backends(op_name: str, device) -> list[str]:  # noqa: F811 - exten
     if op_name in ("scaled_matmul", "scaled_linear", "scale_filter"):
         return _matmul_ops.available_backends(op_name, device)
     return _available_backends_before_matmul(op_name, device)
+
+
+# The transformer's loss head (issue 6).
+from .loss import linear_cross_entropy  # noqa: E402
+
+__all__ += ["linear_cross_entropy"]
+_available_backends_before_loss = available_backends
+
+
+def available_backends(op_name: str, device) -> list[str]:  # noqa: F811 - extends it to the loss head
+    """Backends that can serve `op_name` (any public op of dalle_fast.ops, the loss head included)."""
+    if op_name == "linear_cross_entropy":
+        return ["eager"]  # its kernels are future work (ops/loss.py)
+    return _available_backends_before_loss(op_name, device)
