@@ -5,59 +5,48 @@ dispatch. Every function takes `backend=None | "triton" | "cuda" | "cpp" | "eage
 """
 
 from .._dispatch import BACKENDS, BackendUnavailable, use_backend
+from . import dvae as _dvae
+from . import gumbel as _gumbel
+from . import matmul as _matmul
 from .attention import sparse_attention
-from .gumbel import available_backends, gumbel_argmax, gumbel_noise, gumbel_softmax
+from .dvae import categorical_kl_uniform, gumbel_quantize, logit_laplace_nll
+from .gumbel import gumbel_argmax, gumbel_noise, gumbel_softmax
+from .loss import linear_cross_entropy
+from .matmul import scale_filter, scaled_linear, scaled_matmul
+
+# The family that answers available_backends for each public op (each knows which kernels serve its ops).
+_FAMILY = {
+    **dict.fromkeys(("gumbel_noise", "gumbel_softmax", "gumbel_argmax"), _gumbel),
+    **dict.fromkeys(("gumbel_quantize", "logit_laplace_nll", "categorical_kl_uniform"), _dvae),
+    **dict.fromkeys(("scaled_matmul", "scaled_linear", "scale_filter"), _matmul),
+}
+
+
+def available_backends(op_name: str, device) -> list[str]:
+    """The backends that can serve the public op `op_name` on `device`, in BACKENDS order. sparse_attention
+    also depends on the head size and dtype: ask dalle_fast.ops.attention.available_backends(q)."""
+    if op_name == "linear_cross_entropy":
+        return ["eager"]  # its kernels are future work (ops/loss.py)
+    if op_name not in _FAMILY:
+        names = sorted([*_FAMILY, "linear_cross_entropy"])
+        raise ValueError(f"op_name: expected one of {names}, got {op_name!r}")
+    return _FAMILY[op_name].available_backends(op_name, device)
+
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "available_backends",
+    "categorical_kl_uniform",
     "gumbel_argmax",
     "gumbel_noise",
+    "gumbel_quantize",
     "gumbel_softmax",
+    "linear_cross_entropy",
+    "logit_laplace_nll",
+    "scale_filter",
+    "scaled_linear",
+    "scaled_matmul",
     "sparse_attention",
     "use_backend",
 ]
-
-from .dvae import categorical_kl_uniform, gumbel_quantize, logit_laplace_nll  # noqa: E402
-
-__all__ += ["categorical_kl_uniform", "gumbel_quantize", "logit_laplace_nll"]
-
-from . import dvae as _dvae_ops  # noqa: E402
-from . import gumbel as _gumbel_ops  # noqa: E402
-
-
-def available_backends(op_name: str, device) -> list[str]:  # noqa: F811 - extends gumbel's to the dVAE ops
-    """Backends that can serve `op_name` (any public op of the gumbel and dVAE families) on `device`."""
-    if op_name in ("gumbel_quantize", "logit_laplace_nll", "categorical_kl_uniform"):
-        return _dvae_ops.available_backends(op_name, device)
-    return _gumbel_ops.available_backends(op_name, device)
-
-
-# Scaled matmul family (issue 4, DESIGN section 6).
-from . import matmul as _matmul_ops  # noqa: E402
-from .matmul import scale_filter, scaled_linear, scaled_matmul  # noqa: E402
-
-__all__ += ["scale_filter", "scaled_linear", "scaled_matmul"]
-_available_backends_before_matmul = available_backends
-
-
-def available_backends(op_name: str, device) -> list[str]:  # noqa: F811 - extends it to the scaled matmul ops
-    """Backends that can serve `op_name` (any public op of the gumbel, dVAE and scaled matmul families)."""
-    if op_name in ("scaled_matmul", "scaled_linear", "scale_filter"):
-        return _matmul_ops.available_backends(op_name, device)
-    return _available_backends_before_matmul(op_name, device)
-
-
-# The transformer's loss head (issue 6).
-from .loss import linear_cross_entropy  # noqa: E402
-
-__all__ += ["linear_cross_entropy"]
-_available_backends_before_loss = available_backends
-
-
-def available_backends(op_name: str, device) -> list[str]:  # noqa: F811 - extends it to the loss head
-    """Backends that can serve `op_name` (any public op of dalle_fast.ops, the loss head included)."""
-    if op_name == "linear_cross_entropy":
-        return ["eager"]  # its kernels are future work (ops/loss.py)
-    return _available_backends_before_loss(op_name, device)
