@@ -56,11 +56,7 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DF_CLONES
-#endif
+#include "common.h"
 
 namespace dalle_fast {
 namespace {
@@ -393,17 +389,7 @@ void ds_rows(float* s, const float* dp, int rows, int n, int64_t ld, const float
     for (int c = 0; c < n; ++c) s[r * ld + c] = s[r * ld + c] * (dp[r * ld + c] - delta[r]);
 }
 
-// ------------------------------------------------------------------------------------------------
-// Loads and stores
-
-inline float to_f32(float v) { return v; }
-inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_f32(c10::Half v) { return static_cast<float>(v); }
-
-template <typename T>
-inline T from_f32(float v) {
-  return static_cast<T>(v);
-}
+// Loads and stores in the tensor dtypes: to_f32 / from_f32 of common.h.
 
 // One [B, H, L, D] operand: element (b, h, r, d) at base + b * sb + h * sh + r * sl + d.
 template <typename T>

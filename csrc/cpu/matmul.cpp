@@ -27,25 +27,11 @@
 #include <cstdint>
 #include <optional>
 
+#include "common.h"
 #include "dalle_fast/epilogue.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DF_CLONES
-#endif
 
 namespace dalle_fast {
 namespace {
-
-inline float to_f32(float v) { return v; }
-inline float to_f32(c10::BFloat16 v) { return uint32_as_float(static_cast<uint32_t>(v.x) << 16); }
-inline float to_f32(c10::Half v) { return static_cast<float>(v); }
-
-template <typename T>
-inline T from_f32(float v) {
-  return static_cast<T>(v);
-}
 
 // One row of the epilogue: y[j] = round_T(s * acc[j] + bias[j]), filtered. acc and y may be the same memory
 // (the in-place epilogue): element j is read before it is written and no other element is touched, so they
