@@ -709,3 +709,33 @@ def run_family(new_suite, cases, run_case, case_id, goals) -> int:
     if interrupted:
         return 3
     return 1 if any(r["status"] == "error" for r in suite.records) else 0
+
+
+def pytest_family(family, settings: dict, cases: list[dict]):
+    """The module fixture `suite` and the test of a family's pytest wrapper (benchmarks/test_bench_<name>.py):
+    one test per case (every backend of the device and the peers measured side by side); the fixture writes the
+    JSON and summary when the module ends and prints the summary. A backend that raises fails its case's test;
+    a missed performance goal fails nothing (it is printed as MISS)."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def suite(request):
+        if interpreter_active():
+            pytest.skip("TRITON_INTERPRET is set: runs under the Triton interpreter are never timed")
+        if settings["device"].type == "cuda" and not torch.cuda.is_available():
+            pytest.skip("DALLE_FAST_BENCH_DEVICE=cuda but no CUDA device is visible")
+        s = family.new_suite(settings)
+        yield s
+        res = s.finish(family.goals)
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            print("\n" + res["text"] + f"wrote {res['json']} and {res['summary']}", flush=True)
+
+    @pytest.mark.parametrize("case", cases, ids=[family.case_id(c) for c in cases])
+    def test_case(suite, case):
+        recs = family.run_case(suite, case)
+        errors = [f"{r['backend']}: {r['reason']}" for r in recs if r["status"] == "error"]
+        assert not errors, "; ".join(errors)
+        assert any(r["status"] == "ok" for r in recs) or all(r.get("reason") == "time budget spent" for r in recs)
+
+    return suite, test_case
