@@ -37,3 +37,13 @@ def pytest_configure(config):
 def _fresh_seed(request):
     """Fresh random inputs per test, reproducible from the test's name."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of many small ops (a second thread only adds synchronisation, and
+    stalls on a busy 2-core machine). Use as `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,14 +19,7 @@ from dalle_fast import masks, ops
 from dalle_fast.amp import PerResblockGradScaler
 from dalle_fast.nn import DALLE, DALLEConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The model tests are many small GEMMs: threads only contend on the shared 2-core machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops (conftest.one_thread)
 
 
 def small_config(**overrides) -> DALLEConfig:

@@ -9,13 +9,7 @@ import torch
 
 from dalle_fast import data as D
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops (conftest.one_thread)
 
 
 # Synthetic shapes --------------------------------------------------------------------------------------

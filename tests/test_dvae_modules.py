@@ -20,13 +20,7 @@ except ImportError as e:
     raise ImportError("the official dVAE package is needed: pip install --no-deps dall-e attrs requests") from e
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These sizes are small: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops (conftest.one_thread)
 
 
 # (encoder and decoder settings shared by both, decoder's n_init, input height x width)
