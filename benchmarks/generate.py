@@ -9,8 +9,9 @@ Random weights: speed does not depend on them (the sampled codes do, the work pe
 
 Backends: ours (the sparse cache, per kernel backend of the device: cpp on CPU; cuda and triton on GPU, where
 the step runs as a CUDA graph) and the peers, measured side by side:
-    dense-cache   the same cache and model, each step attending to every key 0..p with the mask applied
-                  (F.scaled_dot_product_attention with a boolean mask): what known implementations do
+    dense-cache   the same cache and model, each step attending to all L - 1 cache slots with the layer's
+                  mask row applied (F.scaled_dot_product_attention, boolean mask): a static dense cache, as
+                  known implementations do (and what a CUDA graph needs)
     no-cache      no cache: each step recomputes the whole prefix with the training path (model.logits)
 Goals (issue 7): CPU tiny: >= 3x no cache and >= 1.5x dense cache; H200 mid, batch 16: >= 2x dense cache.
 """

@@ -13,8 +13,9 @@ position and computes the LM head only for the image vocabulary at that position
               layer, text + the window for conv) -> MLP -> final norm -> image logits -> ops.sample
 
 `cache` selects the attention of a step (for tests and benchmarks): "sparse" (the above), "dense" (the same
-cache, every key 0..p read and masked: what a dense-cache implementation does) or "none" (no cache: the whole
-prefix recomputed by the training path every step). On CUDA the sparse step is captured once in a CUDA graph
+cache, all L - 1 slots read with the layer's mask row applied, F.scaled_dot_product_attention: what a static
+dense cache does, the kind a CUDA graph needs) or "none" (no cache: the whole prefix recomputed by the training
+path every step). On CUDA the sparse step is captured once in a CUDA graph
 (its token and position live in device tensors that each replay updates), so a step costs one graph launch
 plus the sampling kernel.
 
@@ -54,8 +55,10 @@ class _Decoder:
         self.n_attn = len(_attention_bodies(model))
         shape = (batch, self.lmax, c.n_heads, c.head_dim)
         dt = model.compute_dtype
-        self.k = [torch.empty(shape, dtype=dt, device=device) for _ in range(self.n_attn)]
-        self.v = [torch.empty(shape, dtype=dt, device=device) for _ in range(self.n_attn)]
+        # the dense mode reads unwritten slots (masked, weight 0): they must hold finite values, not garbage
+        alloc = torch.zeros if cache == "dense" else torch.empty
+        self.k = [alloc(shape, dtype=dt, device=device) for _ in range(self.n_attn)]
+        self.v = [alloc(shape, dtype=dt, device=device) for _ in range(self.n_attn)]
         self.nt = c.n_text_classes
         self._masks: dict[str, torch.Tensor] = {}
 
@@ -86,11 +89,9 @@ class _Decoder:
             kc[:, pos : pos + n] = k
             vc[:, pos : pos + n] = v
         q = q.transpose(1, 2)
-        if self.mode == "dense":
-            end = int(pos) + n
-            mask = self._dense_mask(attn.kind)[int(pos) : end, :end]
-            o = F.scaled_dot_product_attention(q, kc[:, :end].transpose(1, 2), vc[:, :end].transpose(1, 2),
-                                               attn_mask=mask)  # fmt: skip
+        if self.mode == "dense":  # static shapes: every cache slot, the mask row hides the others
+            mask = self._dense_mask(attn.kind)[int(pos) : int(pos) + n]
+            o = F.scaled_dot_product_attention(q, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=mask)
         else:
             o = ops.sparse_decode_attention(
                 q, kc.transpose(1, 2), vc.transpose(1, 2), kind=attn.kind, position=pos, text_len=c.text_len,
