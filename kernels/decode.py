@@ -79,9 +79,9 @@ def _key_range(p, slot, text_len, grid_h, grid_w, half, KIND: tl.constexpr, TORU
 
 
 @triton.jit
-def _attend_range(q, m, l, acc, k_base, v_base, start, count, step, stride_kl, stride_kd, stride_vl, stride_vd,
+def _attend_range(q, m, l_sum, acc, k_base, v_base, start, count, step, stride_kl, stride_kd, stride_vl, stride_vd,
                   HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """The online-softmax state (m, l, acc) after the `count` keys start + t * step (base-2 scores)."""
+    """The online-softmax state (m, l_sum, acc) after the `count` keys start + t * step (base-2 scores)."""
     d = tl.arange(0, HEAD_DIM)
     for j0 in range(0, count, BLOCK):
         offs = j0 + tl.arange(0, BLOCK)
@@ -93,11 +93,11 @@ def _attend_range(q, m, l, acc, k_base, v_base, start, count, step, stride_kl, s
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new)
-        l = l * alpha + tl.sum(p, axis=0)
+        l_sum = l_sum * alpha + tl.sum(p, axis=0)
         v = tl.load(v_base + keys[:, None] * stride_vl + d[None, :] * stride_vd, mask=ok[:, None], other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m = m_new
-    return m, l, acc
+    return m, l_sum, acc
 
 
 @triton.jit
@@ -161,19 +161,19 @@ def _sparse_decode_attention_kernel(
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     m = tl.full([], float("-inf"), tl.float32)
-    l = tl.full([], 0.0, tl.float32)
+    l_sum = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     # the text prefix in BLOCK_T tiles
     start, count, step = _key_range(p, 0, text_len, grid_h, grid_w, half, KIND, TORUS)
     count = tl.where(in_range, count, 0)
-    m, l, acc = _attend_range(q, m, l, acc, k_base, v_base, start, count, step, stride_kl, stride_kd, stride_vl,
-                              stride_vd, HEAD_DIM, BLOCK_T)  # fmt: skip
+    m, l_sum, acc = _attend_range(q, m, l_sum, acc, k_base, v_base, start, count, step, stride_kl, stride_kd,
+                                  stride_vl, stride_vd, HEAD_DIM, BLOCK_T)  # fmt: skip
     # the image ranges in BLOCK_I tiles
     for slot in range(1, n_slots):
         start, count, step = _key_range(p, slot, text_len, grid_h, grid_w, half, KIND, TORUS)
         count = tl.where(in_range, count, 0)
-        m, l, acc = _attend_range(q, m, l, acc, k_base, v_base, start, count, step, stride_kl, stride_kd, stride_vl,
-                                  stride_vd, HEAD_DIM, BLOCK_I)  # fmt: skip
-    out = acc / l  # l == 0 only out of range: NaN
+        m, l_sum, acc = _attend_range(q, m, l_sum, acc, k_base, v_base, start, count, step, stride_kl, stride_kd,
+                                      stride_vl, stride_vd, HEAD_DIM, BLOCK_I)  # fmt: skip
+    out = acc / l_sum  # l == 0 only out of range: NaN
     o_ptrs = out_ptr + b * stride_ob + h * stride_oh + t.to(tl.int64) * stride_ol + d * stride_od
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty))

@@ -48,7 +48,8 @@ def config(kind: int, head_dim: int) -> DecodeConfig:
     try:
         return CONFIGS[(kind, head_dim)]
     except KeyError:
-        raise ValueError(f"{_OP}: expected a kind id in 0..3 and a head size in {HEAD_DIMS}, got {kind}, {head_dim}")
+        msg = f"{_OP}: expected a kind id in 0..3 and a head size in {HEAD_DIMS}, got {kind}, {head_dim}"
+        raise ValueError(msg) from None
 
 
 def slot_count(kind: int, grid_h: int, kernel: int, torus: bool) -> int:

@@ -91,7 +91,9 @@ def _check_tensors(q, k_cache, v_cache, text_len, grid_h, grid_w) -> None:
         if t.device != q.device:
             raise ValueError(f"{_OP}: {name}: expected q's device {q.device}, got {t.device}")
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"{_OP}: v_cache: expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"{_OP}: v_cache: expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
     full = text_len + grid_h * grid_w
     if k_cache.shape[2] > full:
         raise ValueError(

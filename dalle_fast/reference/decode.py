@@ -86,11 +86,8 @@ def key_ranges(kind, text_len, grid_h, grid_w, p, *, kernel=11, conv_variant="cl
 
 def allowed_keys(kind, text_len, grid_h, grid_w, p, *, kernel=11, conv_variant="clipped", device=None) -> torch.Tensor:
     """int64 raster positions of the keys the query at p reads, range by range (not sorted)."""
-    parts = [
-        torch.arange(count, device=device) * step + start
-        for start, count, step in key_ranges(kind, text_len, grid_h, grid_w, p, kernel=kernel, conv_variant=conv_variant)
-        if count
-    ]
+    ranges = key_ranges(kind, text_len, grid_h, grid_w, p, kernel=kernel, conv_variant=conv_variant)
+    parts = [torch.arange(count, device=device) * step + start for start, count, step in ranges if count]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
 
 
