@@ -26,12 +26,11 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _key_range(p, slot, text_len, grid_h, grid_w, half, KIND: tl.constexpr, TORUS: tl.constexpr):
-    """(start, count, step) of range `slot` of the query at raster position p (count 0: empty)."""
+def _key_range(p, row, col, slot, text_len, grid_h, grid_w, half, KIND: tl.constexpr, TORUS: tl.constexpr):
+    """(start, count, step) of range `slot` of the query at raster position p, image row `row` and column `col`
+    (count 0: empty). No integer division here (it runs once per slot): the caller divides once per query."""
     text_count = tl.where(p < text_len, p + 1, text_len)
     i = tl.maximum(p - text_len, 0)
-    row = i // grid_w
-    col = i - row * grid_w
     step = 1
     if KIND == 0:  # full
         start = text_len
@@ -49,7 +48,9 @@ def _key_range(p, slot, text_len, grid_h, grid_w, half, KIND: tl.constexpr, TORU
         c = (slot - 1) - 2 * r
         if TORUS:
             all_rows = 2 * half + 1 >= grid_h
-            krow = tl.where(all_rows, r, (row - half + r + grid_h) % grid_h)
+            wrapped = row - half + r  # in (-grid_h, 2 grid_h) when the window does not cover every row
+            wrapped = tl.where(wrapped < 0, wrapped + grid_h, tl.where(wrapped >= grid_h, wrapped - grid_h, wrapped))
+            krow = tl.where(all_rows, r, wrapped)
             valid = krow <= row
             all_cols = 2 * half + 1 >= grid_w
             left_wrap = col - half < 0
@@ -155,6 +156,9 @@ def _sparse_decode_attention_kernel(
         p0 = position
     in_range = (p0 >= 0) & (p0 <= lmax - n_q)
     p = p0 + t
+    i = tl.maximum(p - text_len, 0)
+    row = i // grid_w
+    col = i - row * grid_w
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + t.to(tl.int64) * stride_ql + d * stride_qd)
     q = q.to(tl.float32) * qk_scale
@@ -164,16 +168,17 @@ def _sparse_decode_attention_kernel(
     l_sum = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     # the text prefix in BLOCK_T tiles
-    start, count, step = _key_range(p, 0, text_len, grid_h, grid_w, half, KIND, TORUS)
+    start, count, step = _key_range(p, row, col, 0, text_len, grid_h, grid_w, half, KIND, TORUS)
     count = tl.where(in_range, count, 0)
     m, l_sum, acc = _attend_range(q, m, l_sum, acc, k_base, v_base, start, count, step, stride_kl, stride_kd,
                                   stride_vl, stride_vd, HEAD_DIM, BLOCK_T)  # fmt: skip
     # the image ranges in BLOCK_I tiles
     for slot in range(1, n_slots):
-        start, count, step = _key_range(p, slot, text_len, grid_h, grid_w, half, KIND, TORUS)
+        start, count, step = _key_range(p, row, col, slot, text_len, grid_h, grid_w, half, KIND, TORUS)
         count = tl.where(in_range, count, 0)
         m, l_sum, acc = _attend_range(q, m, l_sum, acc, k_base, v_base, start, count, step, stride_kl, stride_kd,
                                       stride_vl, stride_vd, HEAD_DIM, BLOCK_I)  # fmt: skip
-    out = acc / l_sum  # l == 0 only out of range: NaN
+    # approximate division (2 ulp): the IEEE one calls a slow-path subroutine with a stack frame on sm_90
+    out = tl.fdiv(acc, l_sum)  # l_sum == 0 only out of range: NaN
     o_ptrs = out_ptr + b * stride_ob + h * stride_oh + t.to(tl.int64) * stride_ol + d * stride_od
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty))

@@ -37,10 +37,21 @@ class DecodeConfig(NamedTuple):
 # T = 256. Image ranges per kind at the paper's 32 x 32 grid: full up to 1024 keys (64-key tiles); row 33 keys
 # (one 64-key tile; 32 would take two); column up to 32 keys (32); conv at most 11 keys per window row (16:
 # a 64-key tile would be 80% masked lanes). Warps: a [64, D] fp32 tile of K (and of V) over 4 warps is
-# 16 / 32 / 64 registers a thread at D = 32 / 64 / 128.
+# 16 / 32 / 64 registers a thread at D = 32 / 64 / 128. ptxas (triton 3.8, sm_90) spilled two registers to
+# the stack (8 or 16 bytes, at 48-72 registers) in some D = 32 kernels at 2 and 4 warps and in the fp32 D = 64
+# full kernel at 4; 1 warp for D = 32 conv, 2 for the other D = 32 kinds and 8 for full at D = 64 compile
+# without (scripts/triton_aot_check.py --filter decode).
 _IMAGE_TILE = {0: 64, 1: 64, 2: 32, 3: 16}
+
+
+def _warps(kind: int, d: int) -> int:
+    if d == 32:
+        return 1 if kind == 3 else 2
+    return 8 if (kind, d) == (0, 64) else 4
+
+
 CONFIGS: dict[tuple[int, int], DecodeConfig] = {
-    (kind, d): DecodeConfig(64, _IMAGE_TILE[kind], 4) for kind in range(len(KINDS)) for d in HEAD_DIMS
+    (kind, d): DecodeConfig(64, _IMAGE_TILE[kind], _warps(kind, d)) for kind in range(len(KINDS)) for d in HEAD_DIMS
 }
 
 
