@@ -28,18 +28,37 @@ namespace {
 
 constexpr int kChunk = 64;  // keys per chunk of the online softmax
 
-// s[j] = alpha * q . k_j for n rows k_j = k + j * ldk (each a chain of fmas in ascending d).
-DF_CLONES void chunk_scores(const float* q, const float* k, int64_t ldk, int n, int D, float alpha, float* s) {
-  for (int j = 0; j < n; ++j) {
-    const float* kr = k + j * ldk;
+// s[j] = alpha * q . k_j for n rows k_j = k + j * ldk. Each dot product is 16 lane partial sums (fmas over
+// d = u, u + 16, ..., in ascending order) added in lane order at the end: the lane loops vectorise (a single
+// fma chain would not, without reassociation), and four keys at a time keep four chains in flight.
+DF_CLONES void chunk_scores(const float* __restrict__ q, const float* __restrict__ k, int64_t ldk, int n, int D,
+                            float alpha, float* __restrict__ s) {
+  constexpr int kLanes = 16, kKeys = 4;
+  int j = 0;
+  for (; j + kKeys <= n; j += kKeys) {
+    float part[kKeys][kLanes] = {};
+    for (int d0 = 0; d0 < D; d0 += kLanes)
+      for (int r = 0; r < kKeys; ++r)
+        for (int u = 0; u < kLanes; ++u) part[r][u] = std::fma(q[d0 + u], k[(j + r) * ldk + d0 + u], part[r][u]);
+    for (int r = 0; r < kKeys; ++r) {
+      float acc = 0.f;
+      for (int u = 0; u < kLanes; ++u) acc += part[r][u];
+      s[j + r] = acc * alpha;
+    }
+  }
+  for (; j < n; ++j) {
+    float part[kLanes] = {};
+    for (int d0 = 0; d0 < D; d0 += kLanes)
+      for (int u = 0; u < kLanes; ++u) part[u] = std::fma(q[d0 + u], k[j * ldk + d0 + u], part[u]);
     float acc = 0.f;
-    for (int d = 0; d < D; ++d) acc = std::fma(q[d], kr[d], acc);
+    for (int u = 0; u < kLanes; ++u) acc += part[u];
     s[j] = acc * alpha;
   }
 }
 
 // acc = rescale * acc + sum_j p[j] v_j for n rows v_j = v + j * ldv.
-DF_CLONES void chunk_update(float* acc, float rescale, const float* p, const float* v, int64_t ldv, int n, int D) {
+DF_CLONES void chunk_update(float* __restrict__ acc, float rescale, const float* __restrict__ p,
+                            const float* __restrict__ v, int64_t ldv, int n, int D) {
   if (rescale != 1.f)
     for (int d = 0; d < D; ++d) acc[d] *= rescale;
   for (int j = 0; j < n; ++j) {
