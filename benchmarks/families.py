@@ -11,3 +11,4 @@ FAMILIES = {
 }
 FAMILIES["matmul"] = "benchmarks.matmul"
 FAMILIES["generate"] = "benchmarks.generate"
+FAMILIES["decode"] = "benchmarks.decode"
