@@ -7,6 +7,8 @@ dense_mask, computed on the clean cache), at most twice the error of eager PyTor
 plus a floor.
 """
 
+import os
+
 import pytest
 import torch
 from conftest import DEVICE_BACKENDS, KERNEL_DEVICE_BACKENDS
@@ -344,3 +346,6 @@ def test_available_backends():
     q = torch.empty(1, 1, 1, 64)
     assert "cpp" in decode_ops.available_backends(q) and "eager" in decode_ops.available_backends(q)
     assert decode_ops.available_backends(torch.empty(1, 1, 1, 48)) == ["eager"]
+    interpreter = os.environ.get("TRITON_INTERPRET") == "1"  # conftest sets it unless the run is on cuda
+    expected = ["triton", "cpp", "eager"] if interpreter else ["cpp", "eager"]
+    assert ops.available_backends("sparse_decode_attention", "cpu") == expected

@@ -56,3 +56,9 @@ __all__ = [
 from .decode import sparse_decode_attention  # noqa: E402
 
 __all__ += ["sparse_decode_attention"]
+
+# ops.available_backends("sparse_decode_attention", device): every kernel backend serves the kernels' head sizes
+# and dtypes alike, so the device decides.
+from . import decode as _decode  # noqa: E402
+
+_FAMILY["sparse_decode_attention"] = _decode

@@ -143,10 +143,15 @@ def _reasons(q: torch.Tensor):
     return reasons
 
 
-def available_backends(q: torch.Tensor) -> list[str]:
-    """The backends that can serve sparse_decode_attention for queries like q, in preference order."""
+def available_backends(q, device=None) -> list[str]:
+    """The backends that can serve sparse_decode_attention, in BACKENDS order: for queries like the tensor q, or
+    (as dalle_fast.ops.available_backends("sparse_decode_attention", device) asks) on `device` for the kernels'
+    head sizes and dtypes, which every kernel backend serves alike."""
     from .._dispatch import BACKENDS
 
+    if not isinstance(q, torch.Tensor):  # (op name, device)
+        dev = torch.device(device)
+        return [b for b in BACKENDS if b == "eager" or not backend_reasons(_OP, b, dev)]
     r = _reasons(q)
     return [b for b in BACKENDS if not r(b)]
 

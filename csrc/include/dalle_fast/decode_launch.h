@@ -5,8 +5,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "dalle_fast/attention.h"
 
