@@ -50,3 +50,10 @@ __all__ = [
     "sparse_attention",
     "use_backend",
 ]
+
+# Fused sampling (issue 7): temperature, top-k, top-p and Gumbel-max in one kernel.
+from . import sampling as _sampling  # noqa: E402
+from .sampling import sample  # noqa: E402
+
+_FAMILY["sample"] = _sampling
+__all__ += ["sample"]
