@@ -2,7 +2,7 @@
 program per row (@triton.jit code only; the launcher is dalle_fast/ops/_triton_sample.py).
 
 Math (fp32), for one row x[0..V) of the [R, V] view of the logits, element numbers offset + r * V + j:
-    z_j = x_j / temperature (a true division, as the eager reference)
+    z_j = x_j / temperature (IEEE round-to-nearest division, as the eager reference and the C++ kernels)
     key_j = the order-preserving uint32 of z_j (negative: ~bits; non-negative: bits | 2**31; +-0 -> 2**31),
             so z_i >= z_j  <=>  key_i >= key_j for every non-NaN pair.
     top-k: Tk = the largest T with count(key >= T) >= k, built bit by bit from bit 31 down (32 counts);
@@ -31,7 +31,7 @@ def _sample_load(x_ptr, rows, rmask, stride_xr, stride_xv, V, v0, temperature, B
     j = v0 + tl.arange(0, BLOCK_V)[None, :]
     valid = rmask[:, None] & (j < V)
     x = tl.load(x_ptr + rows[:, None] * stride_xr + j.to(tl.int64) * stride_xv, mask=valid, other=0.0)
-    z = x.to(tl.float32) / temperature
+    z = tl.math.div_rn(x.to(tl.float32), temperature)  # IEEE division, as torch and C++ ('/' is approximate on GPU)
     bits = z.to(tl.uint32, bitcast=True)
     key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # (~ overflows in the interpreter)
     key = tl.where(z == 0.0, 0x80000000, key)

@@ -521,7 +521,7 @@ def _sample_jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
             for dt in ["fp32"] if quick else list(_DTYPES):
                 for use_k, use_p in ((False, False), (True, False), (False, True), (True, True)):
                     consts = {"stride_xv": 1, "USE_K": use_k, "USE_P": use_p, "ONE_CHUNK": cfg.one_chunk,
-                              "ALIGNED": cfg.aligned, "BLOCK_V": cfg.block_v}  # fmt: skip
+                              "ALIGNED": cfg.aligned, "BLOCK_R": cfg.block_r, "BLOCK_V": cfg.block_v}  # fmt: skip
                     types = {"x_ptr": _DTYPES[dt], "out_ptr": "*i64", "seed": "i64", "offset": "i64",
                              "temperature": "fp32", "top_p": "fp32"}  # fmt: skip
                     names = kern._sample_kernel.arg_names
@@ -531,7 +531,7 @@ def _sample_jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
                         continue
                     seen.add(key)
                     label = (f"{dt} V={V} {'1chunk' if cfg.one_chunk else 'chunked'} aligned={int(cfg.aligned)} "
-                             f"{cfg.block_v} w{cfg.num_warps} k={int(use_k)} p={int(use_p)}")  # fmt: skip
+                             f"{cfg.block_r}x{cfg.block_v} w{cfg.num_warps} k={int(use_k)} p={int(use_p)}")  # fmt: skip
                     jobs.append(("_sample_kernel", sig, consts, cfg.num_warps, label))
     return jobs
 

@@ -47,7 +47,7 @@ def sample_config(R: int, V: int, offset: int) -> SampleConfig:
     else:
         block_v, one_chunk, block_r = CHUNK, False, 1
     tile = block_r * block_v
-    num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 else 16
+    num_warps = 4 if tile <= 512 else 8 if tile <= 2048 else 16  # (sm_90 AOT: no spill or stack in any config)
     return SampleConfig(one_chunk, aligned, block_r, block_v, num_warps, -(-R // block_r))
 
 
