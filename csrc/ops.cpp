@@ -90,6 +90,19 @@ TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
       " -> (Tensor out, Tensor flag)");
 }
 
+// Cached decoding attention (issue 7; semantics in dalle_fast/ops/decode.py, key ranges in
+// csrc/include/dalle_fast/attention.h). q [B, H, n, D] holds the queries at raster positions position ..
+// position + n - 1; k_cache, v_cache [B, H, Lmax, D] (any strides; rows past position + n - 1 are never read).
+// The position comes from position_tensor when given (a 0-dim int64 tensor on q's device, read on the device by
+// the CUDA kernel, so that a CUDA graph can replay the step with it updated in place), else from `position`.
+// kind 0 full, 1 row, 2 column, 3 conv (kernel, torus as in sparse_attention_fwd). Returns out (memory
+// [B, n, H, D], viewed as [B, H, n, D]) in q's dtype, fp32 math. Inference only: no autograd.
+TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
+  m.def(
+      "sparse_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? position_tensor, int position, "
+      "int kind, int text_len, int grid_h, int grid_w, int kernel, bool torus, float scale) -> Tensor");
+}
+
 // Fused sampling (issue 7; semantics in dalle_fast/ops/sampling.py). One category per row of the last dim:
 // int64 [*logits.shape[:-1]]. z = logits / temperature (fp32); top_k 0 = none, else in [1, V]: keep z >= the
 // k-th largest; top_p 1.0 = none, else in (0, 1): keep the smallest set of the largest (after top-k) with
@@ -99,4 +112,3 @@ TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
 TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
   m.def("sample(Tensor logits, float temperature, int top_k, float top_p, int seed, int offset) -> Tensor");
 }
-

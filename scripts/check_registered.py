@@ -15,6 +15,10 @@ from dalle_fast.ops import dvae  # noqa: E402
 
 OPS = OPS + dvae.OPS
 
+from dalle_fast.ops import decode  # noqa: E402
+
+OPS = OPS + decode.OPS
+
 from dalle_fast.ops import sampling  # noqa: E402
 
 OPS = OPS + sampling.OPS

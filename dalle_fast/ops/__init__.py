@@ -51,6 +51,12 @@ __all__ = [
     "use_backend",
 ]
 
+# Cached decoding attention (issue 7). Like sparse_attention, its backends depend on the head size and dtype:
+# ask dalle_fast.ops.decode.available_backends(q).
+from .decode import sparse_decode_attention  # noqa: E402
+
+__all__ += ["sparse_decode_attention"]
+
 # Fused sampling (issue 7): temperature, top-k, top-p and Gumbel-max in one kernel.
 from . import sampling as _sampling  # noqa: E402
 from .sampling import sample  # noqa: E402
