@@ -12,3 +12,4 @@ FAMILIES = {
 FAMILIES["matmul"] = "benchmarks.matmul"
 FAMILIES["generate"] = "benchmarks.generate"
 FAMILIES["decode"] = "benchmarks.decode"
+FAMILIES["sample"] = "benchmarks.sample"

@@ -102,3 +102,13 @@ TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
       "sparse_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? position_tensor, int position, "
       "int kind, int text_len, int grid_h, int grid_w, int kernel, bool torus, float scale) -> Tensor");
 }
+
+// Fused sampling (issue 7; semantics in dalle_fast/ops/sampling.py). One category per row of the last dim:
+// int64 [*logits.shape[:-1]]. z = logits / temperature (fp32); top_k 0 = none, else in [1, V]: keep z >= the
+// k-th largest; top_p 1.0 = none, else in (0, 1): keep the smallest set of the largest (after top-k) with
+// softmax mass >= top_p, ties kept; then argmax of z + g over the kept entries, g the Gumbel noise of
+// element number offset + logical index. An invalid row (NaN, +inf z, or all -inf) gives -1: the op never
+// raises on data (no host sync; capturable in a CUDA graph).
+TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
+  m.def("sample(Tensor logits, float temperature, int top_k, float top_p, int seed, int offset) -> Tensor");
+}

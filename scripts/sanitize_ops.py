@@ -292,6 +292,40 @@ def decode(device: torch.device) -> list[str]:
 FAMILIES["decode"] = decode
 
 
+def sample(device: torch.device) -> list[str]:
+    """ops.sample: V past one chunk, odd V and offsets, leading dims, non-contiguous rows, every kernel dtype,
+    top-k / top-p on and off, an invalid row (-1), each GPU backend."""
+    from dalle_fast import ops
+
+    failures = []
+    for backend in [b for b in ops.available_backends("sample", device) if b in ("cuda", "triton")]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for shape, offset in (((16, 8192), 0), ((3, 8191), 1), ((1, 16384), 4), ((2, 9001), 3), ((2, 3, 37), 0),
+                                  ((5, 1), 2), ((0, 10), 0)):  # fmt: skip
+                for k, p in ((None, None), (50, None), (None, 0.9), (7, 0.5)):
+                    tag = f"{backend} {dtype} {shape} offset={offset} top_k={k} top_p={p}"
+                    try:
+                        x = torch.randn(shape, device=device).to(dtype)
+                        out = ops.sample(x, temperature=0.8, top_k=k, top_p=p, seed=5, offset=offset, backend=backend)
+                        ops.sample(x.transpose(0, -1).contiguous().transpose(0, -1), top_k=k, top_p=p, seed=5,
+                                   backend=backend)  # fmt: skip
+                        torch.cuda.synchronize(device)
+                        if out.numel() and not bool(((out >= 0) & (out < shape[-1])).all()):
+                            failures.append(f"sample {tag}: ids out of range")
+                    except Exception as e:
+                        failures.append(f"sample {tag}: {type(e).__name__}: {str(e)[:300]}")
+            x = torch.randn(3, 100, device=device).to(dtype)
+            x[1] = float("-inf")
+            out = ops.sample(x, seed=1, backend=backend)
+            torch.cuda.synchronize(device)
+            if out.tolist()[1] != -1:
+                failures.append(f"sample {backend} {dtype}: an all -inf row gave {out.tolist()[1]}, expected -1")
+    return failures
+
+
+FAMILIES["sample"] = sample
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", action="append", help="repeatable; default: all")

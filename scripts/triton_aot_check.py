@@ -493,7 +493,8 @@ def _compile_one(job):
         or getattr(_load_attention(), kernel, None)
         or getattr(_load_matmul_modules()[0], kernel, None)
         or getattr(_load_decode()[0], kernel, None)
-        or getattr(_load_dvae()[0], kernel)
+        or getattr(_load_dvae()[0], kernel, None)
+        or getattr(_load_sample(), kernel)
     )
     target = GPUTarget("cuda", 90, 32)
     errors = []
@@ -542,6 +543,47 @@ def _compile_one(job):
     return kernel, label, res, None
 
 
+# ---- Sampling kernel (kernels/sample.py; launch table of dalle_fast/ops/_triton_sample.py) ----
+
+# (R, V): the benchmark shape, the test shapes (odd V, past the one-chunk limit, unaligned chunks), V = 16384.
+_SAMPLE_SHAPES = [(16, 8192), (4, 256), (2, 8191), (1, 16384), (1, 9001), (2, 4099), (3, 37), (5, 1), (1, 30000)]
+_SAMPLE_QUICK_SHAPES = [(16, 8192), (1, 9001)]
+
+
+def _load_sample():
+    import importlib
+
+    _load_dvae()  # registers the stand-in kernels package (kernels/sample.py imports .gumbel from it)
+    return importlib.import_module("dalle_fast_kernels_aot.sample")
+
+
+def _sample_jobs(quick: bool) -> list[tuple[str, dict, dict, int, str]]:
+    """(kernel, signature, constexprs, num_warps, label) of every configuration the sampling launcher uses."""
+    kern = _load_sample()
+    from dalle_fast.ops import _triton_sample as launch
+
+    jobs, seen = [], set()
+    for R, V in _SAMPLE_QUICK_SHAPES if quick else _SAMPLE_SHAPES:
+        for offset in (0, 1):
+            cfg = launch.sample_config(R, V, offset)
+            for dt in ["fp32"] if quick else list(_DTYPES):
+                for use_k, use_p in ((False, False), (True, False), (False, True), (True, True)):
+                    consts = {"stride_xv": 1, "USE_K": use_k, "USE_P": use_p, "ONE_CHUNK": cfg.one_chunk,
+                              "ALIGNED": cfg.aligned, "BLOCK_R": cfg.block_r, "BLOCK_V": cfg.block_v}  # fmt: skip
+                    types = {"x_ptr": _DTYPES[dt], "out_ptr": "*i64", "seed": "i64", "offset": "i64",
+                             "temperature": "fp32", "top_p": "fp32"}  # fmt: skip
+                    names = kern._sample_kernel.arg_names
+                    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in names}
+                    key = (tuple(sorted(sig.items())), tuple(sorted(consts.items())), cfg.num_warps)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    label = (f"{dt} V={V} {'1chunk' if cfg.one_chunk else 'chunked'} aligned={int(cfg.aligned)} "
+                             f"{cfg.block_r}x{cfg.block_v} w{cfg.num_warps} k={int(use_k)} p={int(use_p)}")  # fmt: skip
+                    jobs.append(("_sample_kernel", sig, consts, cfg.num_warps, label))
+    return jobs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -552,6 +594,7 @@ def main() -> int:
 
     every = _jobs(args.quick) + _attention_jobs(args.quick) + _dvae_jobs(args.quick) + _matmul_jobs(args.quick)
     every += _decode_jobs(args.quick)
+    every += _sample_jobs(args.quick)
     jobs = [j for j in every if args.filter in j[0]]
     print(f"triton {triton.__version__}: compiling {len(jobs)} kernel configurations for sm_90 ({args.jobs} jobs)")
     print(f"cuobjdump: {_cuobjdump()}")

@@ -5,20 +5,27 @@ dispatch. Every function takes `backend=None | "triton" | "cuda" | "cpp" | "eage
 """
 
 from .._dispatch import BACKENDS, BackendUnavailable, use_backend
+from . import decode as _decode
 from . import dvae as _dvae
 from . import gumbel as _gumbel
 from . import matmul as _matmul
+from . import sampling as _sampling
 from .attention import sparse_attention
+from .decode import sparse_decode_attention
 from .dvae import categorical_kl_uniform, gumbel_quantize, logit_laplace_nll
 from .gumbel import gumbel_argmax, gumbel_noise, gumbel_softmax
 from .loss import linear_cross_entropy
 from .matmul import scale_filter, scaled_linear, scaled_matmul
+from .sampling import sample
 
 # The family that answers available_backends for each public op (each knows which kernels serve its ops).
 _FAMILY = {
     **dict.fromkeys(("gumbel_noise", "gumbel_softmax", "gumbel_argmax"), _gumbel),
     **dict.fromkeys(("gumbel_quantize", "logit_laplace_nll", "categorical_kl_uniform"), _dvae),
     **dict.fromkeys(("scaled_matmul", "scaled_linear", "scale_filter"), _matmul),
+    # every decode kernel backend serves the same head sizes and dtypes: the device decides
+    "sparse_decode_attention": _decode,
+    "sample": _sampling,  # temperature, top-k, top-p and Gumbel-max in one kernel
 }
 
 
@@ -44,21 +51,11 @@ __all__ = [
     "gumbel_softmax",
     "linear_cross_entropy",
     "logit_laplace_nll",
+    "sample",
     "scale_filter",
     "scaled_linear",
     "scaled_matmul",
     "sparse_attention",
+    "sparse_decode_attention",
     "use_backend",
 ]
-
-# Cached decoding attention (issue 7). Like sparse_attention, its backends depend on the head size and dtype:
-# ask dalle_fast.ops.decode.available_backends(q).
-from .decode import sparse_decode_attention  # noqa: E402
-
-__all__ += ["sparse_decode_attention"]
-
-# ops.available_backends("sparse_decode_attention", device): every kernel backend serves the kernels' head sizes
-# and dtypes alike, so the device decides.
-from . import decode as _decode  # noqa: E402
-
-_FAMILY["sparse_decode_attention"] = _decode

@@ -23,3 +23,8 @@ __all__ += ["categorical_kl_uniform", "gumbel_quantize", "logit_laplace_nll"]
 from .matmul import scale_filter, scaled_matmul  # noqa: E402
 
 __all__ += ["scale_filter", "scaled_matmul"]
+
+# Fused sampling (issue 7).
+from .sample import sample  # noqa: E402
+
+__all__ += ["sample"]
