@@ -479,8 +479,9 @@ def _train(args, dd: training.Dist) -> dict:
                             data_key)  # fmt: skip
     if start >= stop:
         log(f"nothing to do: the checkpoint is at step {start}, --steps/--stop-at {stop}")
-    return {"steps": stop, "start": start, "history": history, "skipped": skipped, "out": args.out, "config": config,
-            "cache": cache_file, "params": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}  # fmt: skip
+    params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # this rank's final weights
+    return {"steps": stop, "start": start, "history": history, "skipped": skipped, "out": args.out,
+            "config": config, "cache": cache_file, "params": params}  # fmt: skip
 
 
 def optimizer_step(model, opt, scaler, clip: float, world: int) -> bool:
