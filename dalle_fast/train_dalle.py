@@ -291,11 +291,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=int, default=4)
     g.add_argument("--heads", type=int, default=4)
     g.add_argument("--head-dim", type=int, default=32)
-    g.add_argument("--backend", default=None, help="ops backend (cpp, cuda, triton, eager; default automatic)")
+    g.add_argument("--backend", default="auto", help="ops backend: auto, cpp, cuda, triton or eager")
     g.add_argument("--dtype", default="auto", choices=("auto", *_DTYPES), help="resblock compute dtype")
     g.add_argument("--checkpointing", action="store_true", help="recompute each resblock in backward")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=1500)
+    g.add_argument("--steps", type=int, default=1000)
     g.add_argument("--batch-size", type=int, default=32, help="per rank")
     g.add_argument("--lr", type=float, default=1e-3, help="peak step size")
     g.add_argument("--final-lr", type=float, default=1e-4)
@@ -311,7 +311,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--powersgd-rank", type=int, default=0, help="register PowerSGD with this rank (0: off)")
     g.add_argument("--powersgd-start", type=int, default=10, help="plain all-reduce steps before PowerSGD")
     g = p.add_argument_group("output")
-    g.add_argument("--save-every", type=int, default=500)
+    g.add_argument("--save-every", type=int, default=250)
     g.add_argument("--log-every", type=int, default=50)
     g.add_argument("--quiet", action="store_true")
     return p
@@ -406,7 +406,8 @@ def _train(args, dd: training.Dist) -> dict:
     bpe = SeededBPEDropout(tokenizer)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model, scaler = build_model(config, compute_dtype, device=device, backend=args.backend,
+    backend = None if args.backend == "auto" else args.backend
+    model, scaler = build_model(config, compute_dtype, device=device, backend=backend,
                                 checkpoint=args.checkpointing, replicas=dd.world)  # fmt: skip
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.96), eps=1e-8)
     ema = training.EMA(model, args.ema_decay)

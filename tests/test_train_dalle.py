@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from dalle_fast import train_dalle, training
 from dalle_fast.nn import DALLE
@@ -53,7 +54,7 @@ def args_for(dvae, cache, out, *extra) -> list[str]:
     return ["--dvae", dvae, "--cache-dir", cache, "--out", str(out), "--data-length", "96", "--image-size", "32",
             "--text-len", "10", "--text-vocab", "300", "--layers", "2", "--heads", "2", "--head-dim", "32",
             "--batch-size", "8", "--warmup", "3", "--lr", "3e-3", "--final-lr", "3e-4", "--log-every", "1",
-            "--quiet", *extra]  # fmt: skip
+            "--device", "cpu", "--quiet", *extra]  # fmt: skip
 
 
 def run(argv):
@@ -172,14 +173,16 @@ def test_two_process_ddp_with_and_without_powersgd(dvae, cache, tmp_path):
 # float16 with the per-resblock scaler --------------------------------------------------------------------
 
 
-def test_float16_scaler_path_trains_and_resumes(dvae, cache, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_scaler_path_trains_and_resumes(dvae, cache, tmp_path, device):
     out = tmp_path / "fp16.pt"
-    res = run(args_for(dvae, cache, out, "--steps", "8", "--dtype", "float16", "--backend", "cpp"))
+    on = ["--device", device, "--backend", "cpp" if device == "cpu" else "auto"]
+    res = run(args_for(dvae, cache, out, "--steps", "8", "--dtype", "float16", *on))
     assert all(v == v for h in res["history"] for v in h[1:]) and res["skipped"] == 0
     ckpt = training.load_checkpoint(out)
     assert ckpt["compute_dtype"] == "float16" and ckpt["scaler"]["step"] == 8
     assert torch.all(ckpt["scaler"]["scales"] > 2.0**13)  # 8 finite steps: every scale grew
-    res = run(args_for(dvae, cache, out, "--steps", "9", "--dtype", "float16", "--backend", "cpp", "--resume"))
+    res = run(args_for(dvae, cache, out, "--steps", "9", "--dtype", "float16", *on, "--resume"))
     assert res["start"] == 8 and training.load_checkpoint(out)["scaler"]["step"] == 9
     model, _ = train_dalle.load_dalle(out)
     assert model.compute_dtype == torch.float32
