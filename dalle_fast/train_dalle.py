@@ -72,33 +72,46 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def read_dvae(path, *, ema: bool = True, device="cpu") -> DiscreteVAE:
-    """The DiscreteVAE of a dVAE training checkpoint, in eval mode (EMA weights when the file has them and
-    `ema`). Uses dalle_fast.train_dvae.load_dvae when that module exists; otherwise reads the checkpoint format
-    {"format": "dalle_fast.dvae/1", "config": {"encoder": Encoder kwargs, "decoder": Decoder kwargs},
-    "model": DiscreteVAE state_dict, "ema": training.EMA state_dict or None}."""
+    """The DiscreteVAE of a dVAE training checkpoint, in eval mode, with its EMA weights by default; the image
+    size it was trained at is `model.image_size` when the checkpoint records it. Uses
+    dalle_fast.train_dvae.load_dvae when that module is there; otherwise reads its format: {"format":
+    "dalle_fast.dvae/1", "config": {group_count, n_hid, n_blk_per_group, vocab_size, n_init, channels},
+    "model": DiscreteVAE state_dict, "ema": training.EMA state_dict, "args": {"image_size": ...}, ...}."""
     try:
-        from .train_dvae import load_dvae  # the dVAE training command's own reader, when present
+        from .train_dvae import load_dvae  # the dVAE training command's own reader
     except ImportError:
         load_dvae = None
     if load_dvae is not None:
-        try:
-            model = load_dvae(path, ema=ema, device=device)
-        except TypeError:  # a reader without those keywords
-            model = load_dvae(path)
-        model = model[0] if isinstance(model, tuple) else model
-        return model.to(device).eval()
+        return load_dvae(path, ema=ema, map_location=device).to(device).eval()
+    ckpt = _dvae_checkpoint(path)
+    c = ckpt["config"]
+    try:
+        enc = Encoder(c["group_count"], c["n_hid"], c["n_blk_per_group"], c["channels"], c["vocab_size"])
+        dec = Decoder(c["group_count"], c["n_init"], c["n_hid"], c["n_blk_per_group"], c["channels"], c["vocab_size"])
+    except KeyError as e:
+        raise ValueError(f"dvae: the checkpoint's config lacks {e} ({path!r})") from None
+    model = DiscreteVAE(enc, dec)
+    model.load_state_dict(ckpt["model"])
+    if ema:
+        shadow = ckpt["ema"]["shadow"]
+        model.load_state_dict({k: shadow[k].to(v.dtype) if k in shadow else v for k, v in model.state_dict().items()})
+    size = (ckpt.get("args") or {}).get("image_size")
+    if size is not None:
+        model.image_size = int(size)
+    return model.to(device).eval()
+
+
+def _dvae_checkpoint(path) -> dict:
     ckpt = training.load_checkpoint(path)
     if ckpt["format"] != DVAE_FORMAT:
         raise ValueError(f"dvae: expected a {DVAE_FORMAT!r} checkpoint, got format {ckpt['format']!r} in {path!r}")
-    cfg = ckpt.get("config") or {}
-    if not isinstance(cfg.get("encoder"), dict) or not isinstance(cfg.get("decoder"), dict):
-        raise ValueError(f"dvae: expected config {{'encoder': kwargs, 'decoder': kwargs}} in {path!r}, got {cfg!r}")
-    model = DiscreteVAE(Encoder(**cfg["encoder"]), Decoder(**cfg["decoder"]))
-    model.load_state_dict(ckpt["model"])
-    if ema and ckpt.get("ema"):
-        ema_state = ckpt["ema"]["shadow"]
-        model.load_state_dict({k: ema_state.get(k, v) for k, v in model.state_dict().items()})
-    return model.to(device).eval()
+    return ckpt
+
+
+def dvae_image_size(path) -> int | None:
+    """The image size a dVAE checkpoint was trained at (its args), or None when it does not say."""
+    size = (_dvae_checkpoint(path).get("args") or {}).get("image_size")
+    return None if size is None else int(size)
 
 
 def file_sha256(path) -> str:
@@ -283,7 +296,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-length", type=int, default=10000, help="training scenes (SyntheticShapes, split train)")
     g.add_argument("--data-seed", type=int, default=0)
-    g.add_argument("--image-size", type=int, default=64, help="pixels; the token grid is image_size / 8")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="pixels (default: the dVAE's training size); the token grid is image_size / 8")  # fmt: skip
     g.add_argument("--text-len", type=int, default=16)
     g.add_argument("--text-vocab", type=int, default=512, help="BPE vocabulary bound (pads follow it)")
     g.add_argument("--bpe-dropout", type=float, default=0.1)
@@ -326,7 +340,7 @@ def check_args(args) -> None:
                  "log_every"):  # fmt: skip
         need(name, getattr(args, name) >= 1, "an integer >= 1")
     need("text_len", args.text_len >= 2, "an integer >= 2")
-    need("image_size", args.image_size >= 24, "an integer >= 24 (SyntheticShapes)")
+    need("image_size", args.image_size is None or args.image_size >= 24, "an integer >= 24 (SyntheticShapes)")
     need("text_vocab", args.text_vocab >= 256, "an integer >= 256 (the byte alphabet)")
     need("bpe_dropout", 0 <= args.bpe_dropout < 1, "a probability in [0, 1)")
     need("warmup", 0 <= args.warmup, "an integer >= 0")
@@ -375,7 +389,10 @@ def _train(args, dd: training.Dist) -> dict:
             raise FileNotFoundError(f"--resume: no checkpoint at {resume_path!r}")
 
     # data: codes (cached), captions
-    dataset = data.SyntheticShapes("train", args.data_length, args.image_size, seed=args.data_seed)
+    image_size = args.image_size or dvae_image_size(args.dvae)
+    if image_size is None:
+        raise ValueError(f"--image-size: the dVAE checkpoint {args.dvae!r} does not record its image size: give it")
+    dataset = data.SyntheticShapes("train", args.data_length, image_size, seed=args.data_seed)
     cache_dir = args.cache_dir or _default_cache_dir()
     if dd.is_main:  # one rank encodes and writes the cache; the others read it
         codes, vocab, cache_file = cached_codes(args.dvae, dataset, cache_dir, device=device, log=log)

@@ -28,14 +28,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def save_tiny_dvae(path, *, seed=0, vocab=32) -> str:
-    """A freshly initialised small dVAE (32x32 images -> 4x4 codes over `vocab`) in the dvae/1 checkpoint format."""
+def save_tiny_dvae(path, *, seed=0, vocab=32, image_size=32) -> str:
+    """A freshly initialised small dVAE (32x32 images -> 4x4 codes over `vocab`) in train_dvae's checkpoint format
+    (what train_dalle reads: format, flat model config, model, EMA, args with the image size)."""
     torch.manual_seed(seed)
-    enc = dict(group_count=4, n_hid=8, n_blk_per_group=1, vocab_size=vocab)
-    dec = dict(group_count=4, n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=vocab)
-    model = DiscreteVAE(Encoder(**enc), Decoder(**dec))
-    training.atomic_save({"format": "dalle_fast.dvae/1", "config": {"encoder": enc, "decoder": dec},
-                          "model": model.state_dict(), "ema": None}, path)  # fmt: skip
+    config = dict(group_count=4, n_hid=8, n_blk_per_group=1, vocab_size=vocab, n_init=8, channels=3)
+    enc = Encoder(4, 8, 1, 3, vocab)
+    dec = Decoder(4, 8, 8, 1, 3, vocab)
+    model = DiscreteVAE(enc, dec)
+    ema = training.EMA(model).state_dict()
+    ckpt = {"format": "dalle_fast.dvae/1", "config": config, "model": model.state_dict(), "ema": ema,
+            "args": {"image_size": image_size}}  # fmt: skip
+    training.atomic_save(ckpt, path)
     return str(path)
 
 
@@ -51,7 +55,7 @@ def cache(tmp_path_factory):
 
 def args_for(dvae, cache, out, *extra) -> list[str]:
     """A tiny run: 32x32 images (4x4 codes), 10 text tokens, 2 layers of 2 heads of 32."""
-    return ["--dvae", dvae, "--cache-dir", cache, "--out", str(out), "--data-length", "96", "--image-size", "32",
+    return ["--dvae", dvae, "--cache-dir", cache, "--out", str(out), "--data-length", "96",
             "--text-len", "10", "--text-vocab", "300", "--layers", "2", "--heads", "2", "--head-dim", "32",
             "--batch-size", "8", "--warmup", "3", "--lr", "3e-3", "--final-lr", "3e-4", "--log-every", "1",
             "--device", "cpu", "--quiet", *extra]  # fmt: skip
@@ -247,6 +251,7 @@ def test_bad_input(dvae, cache, tmp_path, capsys):
     assert "--bpe-dropout" in error("--bpe-dropout", "1.5")
     assert "--stop-at" in error("--steps", "4", "--stop-at", "5")
     assert "--image-size" in error("--image-size", "16")
+    assert "--image-size" in error("--dvae", save_tiny_dvae(tmp_path / "nosize.pt", image_size=None))
     assert "--resume" in error("--resume", str(tmp_path / "none.pt"))
     run(args_for(dvae, cache, tmp_path / "small.pt", "--steps", "1"))
     assert "other data" in error("--resume", str(tmp_path / "small.pt"), "--data-length", "97")
