@@ -370,7 +370,9 @@ def _log(dd, quiet):
 
 
 def train(args) -> dict:
-    """Run the training the parsed arguments describe; returns a summary (steps, final losses, checkpoint)."""
+    """Run the training the parsed arguments describe. Returns {"steps", "start", "history": [(step, loss, text loss,
+    image loss) at each logged step, means over ranks], "skipped" (steps the scaler skipped), "out", "config", "cache"
+    (the codes file), "model" (this rank's DALLE, raw weights), "tokenizer"}."""
     check_args(args)
     dd = training.Dist(args.device)
     try:
@@ -482,7 +484,7 @@ def _train(args, dd: training.Dist) -> dict:
         else:
             skipped += 1
         last = step + 1 == stop
-        if last or (step + 1) % args.log_every == 0 or progress.tty:
+        if last or (step + 1) % args.log_every == 0:  # the same steps on every rank: dd.mean is collective
             losses = [dd.mean(float(v.detach())) for v in out]
             history.append((step, *losses))
             now = time.perf_counter()
@@ -497,9 +499,8 @@ def _train(args, dd: training.Dist) -> dict:
                             data_key)  # fmt: skip
     if start >= stop:
         log(f"nothing to do: the checkpoint is at step {start}, --steps/--stop-at {stop}")
-    params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # this rank's final weights
     return {"steps": stop, "start": start, "history": history, "skipped": skipped, "out": args.out,
-            "config": config, "cache": cache_file, "params": params}  # fmt: skip
+            "config": config, "cache": cache_file, "model": model, "tokenizer": tokenizer}  # fmt: skip
 
 
 def optimizer_step(model, opt, scaler, clip: float, world: int) -> bool:

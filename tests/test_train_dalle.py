@@ -140,7 +140,8 @@ WORKER = textwrap.dedent(
     for port, argv in zip(ports, runs):  # one process pair for both runs: imports cost more than training here
         os.environ["MASTER_PORT"] = port
         res = train_dalle.train(train_dalle.parser().parse_args(argv))
-        results.append({"history": res["history"], "params": res["params"]})  # each rank's own final weights
+        params = {k: v.detach().cpu() for k, v in res["model"].state_dict().items()}  # this rank's final weights
+        results.append({"history": res["history"], "params": params})
     torch.save(results, out)
     """
 )
