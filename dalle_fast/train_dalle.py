@@ -390,8 +390,12 @@ def _train(args, dd: training.Dist) -> dict:
         if not os.path.isfile(resume_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {resume_path!r}")
 
+    ckpt = training.load_checkpoint(resume_path) if resume_path else None
+    if ckpt is not None and ckpt["format"] != FORMAT:
+        raise ValueError(f"--resume: expected a {FORMAT!r} checkpoint, got format {ckpt['format']!r}")
+
     # data: codes (cached), captions
-    image_size = args.image_size or dvae_image_size(args.dvae)
+    image_size = args.image_size or (ckpt["data"]["image_size"] if ckpt is not None else dvae_image_size(args.dvae))
     if image_size is None:
         raise ValueError(f"--image-size: the dVAE checkpoint {args.dvae!r} does not record its image size: give it")
     dataset = data.SyntheticShapes("train", args.data_length, image_size, seed=args.data_seed)
@@ -406,10 +410,7 @@ def _train(args, dd: training.Dist) -> dict:
     data_key = {"dvae_sha256": file_sha256(args.dvae), "length": len(dataset), "seed": dataset.seed,
                 "image_size": dataset.image_size, "grid": [int(grid_h), int(grid_w)], "image_vocab": vocab}  # fmt: skip
 
-    ckpt = training.load_checkpoint(resume_path) if resume_path else None
     if ckpt is not None:
-        if ckpt["format"] != FORMAT:
-            raise ValueError(f"--resume: expected a {FORMAT!r} checkpoint, got format {ckpt['format']!r}")
         if ckpt["data"] != data_key:
             raise ValueError(f"--resume: the checkpoint was trained on other data/dVAE: {ckpt['data']} vs {data_key}")
         tokenizer = TextTokenizer.from_json(ckpt["tokenizer"])
