@@ -45,7 +45,7 @@ SETTINGS_BY_DEVICE = {
         },
     ],
 }
-SMOKE = [{"preset": "tiny", "batch": 2, "dtype": torch.float32, "overrides": {"n_layers": 2}}]
+SMOKE = [{"preset": "tiny", "batch": 1, "dtype": torch.float32, "overrides": {"n_layers": 2}}]
 MODES = ("fwd+bwd", "fwd")
 PEERS = (("eager", "eager", "eager"), ("sdpa_masked", "masked", "mask"), ("flex", "flex", "flex"))
 GPU_BACKENDS = ("cuda", "triton")
