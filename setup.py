@@ -131,4 +131,5 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "triton>=3.6", "numpy", "ninja"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scipy", "ruff"], "bench": ["pytest-benchmark"]},
+    entry_points={"console_scripts": ["dalle-fast = dalle_fast.cli:main"]},
 )

@@ -10,4 +10,6 @@ FAMILIES = {
     "dvae": "benchmarks.dvae",
 }
 FAMILIES["matmul"] = "benchmarks.matmul"
+FAMILIES["generate"] = "benchmarks.generate"
+FAMILIES["decode"] = "benchmarks.decode"
 FAMILIES["dalle"] = "benchmarks.dalle"

@@ -89,3 +89,16 @@ TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
       "scale_filter(Tensor x, float alpha, Tensor? scale, bool invert, bool filter_nonfinite, ScalarType dtype)"
       " -> (Tensor out, Tensor flag)");
 }
+
+// Cached decoding attention (issue 7; semantics in dalle_fast/ops/decode.py, key ranges in
+// csrc/include/dalle_fast/attention.h). q [B, H, n, D] holds the queries at raster positions position ..
+// position + n - 1; k_cache, v_cache [B, H, Lmax, D] (any strides; rows past position + n - 1 are never read).
+// The position comes from position_tensor when given (a 0-dim int64 tensor on q's device, read on the device by
+// the CUDA kernel, so that a CUDA graph can replay the step with it updated in place), else from `position`.
+// kind 0 full, 1 row, 2 column, 3 conv (kernel, torus as in sparse_attention_fwd). Returns out (memory
+// [B, n, H, D], viewed as [B, H, n, D]) in q's dtype, fp32 math. Inference only: no autograd.
+TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
+  m.def(
+      "sparse_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? position_tensor, int position, "
+      "int kind, int text_len, int grid_h, int grid_w, int kernel, bool torus, float scale) -> Tensor");
+}

@@ -433,6 +433,29 @@ def read_image(path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im.convert("RGB")).copy())
 
 
+def image_grid(images: torch.Tensor, *, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] -> one uint8 [rows, cols, 3] picture, ncol images per row (default: about
+    square), separated by `pad` grey pixels; write it with `write_png`."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a [N, 3, H, W] tensor with N >= 1, got {got}")
+    n, _, h, w = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    out = torch.full((3, nrow * (h + pad) + pad, ncol * (w + pad) + pad), 0.5)
+    for i, img in enumerate(images.detach().float().cpu().clamp(0, 1)):
+        r, c = divmod(i, ncol)
+        out[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    return (out * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+def write_png(path, rgb: torch.Tensor) -> None:
+    """Write uint8 [H, W, 3] as an 8-bit RGB PNG (no imaging library needed)."""
+    from .masks import write_png as _write
+
+    _write(os.fspath(path), rgb)
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

@@ -222,6 +222,76 @@ def attention(device: torch.device) -> list[str]:
 FAMILIES["attention"] = attention
 
 
+def decode(device: torch.device) -> list[str]:
+    """sparse_decode_attention for every kind at the first, a middle and the last position of ragged grids, n = 1
+    and 3, head sizes 32/64/128, fp16/bf16/fp32, contiguous and [B, Lmax, H, D]-transposed caches whose rows past
+    the queries are NaN (never read), Lmax below the full layout, position as int and as a device tensor (also
+    out of range: NaN output, no read outside the cache), B * H == 0."""
+    from dalle_fast import ops
+    from dalle_fast.ops import decode as decode_ops
+
+    failures = []
+    # (kind, text_len, grid, kernel, conv_variant)
+    layouts = [
+        ("full", 5, (5, 7), 11, "clipped"),
+        ("row", 0, (9, 9), 11, "clipped"),
+        ("column", 16, (12, 12), 11, "clipped"),
+        ("conv", 16, (12, 12), 5, "clipped"),
+        ("conv", 3, (6, 7), 5, "torus"),
+        ("conv", 256, (32, 32), 11, "clipped"),  # the paper's
+    ]
+
+    def run(backend, kind, t, grid, kern, variant, b, h, n, d, dtype, layout, p, lmax, as_tensor):
+        tag = f"{backend} {kind}-{variant} T={t} grid={grid} B={b} H={h} n={n} D={d} {dtype} {layout} p={p}"
+        try:
+            if layout == "blhd":
+                k, v = (torch.randn(b, lmax, h, d, device=device).to(dtype).transpose(1, 2) for _ in range(2))
+            else:
+                k, v = (torch.randn(b, h, lmax, d, device=device).to(dtype) for _ in range(2))
+            k[:, :, p + n :] = float("nan")
+            v[:, :, p + n :] = float("nan")
+            q = torch.randn(b, h, n, d, device=device).to(dtype)
+            pos = torch.tensor(p, device=device) if as_tensor else p
+            out = ops.sparse_decode_attention(q, k, v, kind=kind, position=pos, text_len=t, grid_size=grid,
+                                              kernel=kern, conv_variant=variant, backend=backend)  # fmt: skip
+            torch.cuda.synchronize(device)
+            if not bool(torch.isfinite(out.float()).all()):
+                failures.append(f"sparse_decode_attention {tag}: non-finite output")
+        except Exception as e:
+            failures.append(f"sparse_decode_attention {tag}: {type(e).__name__}: {str(e)[:300]}")
+
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    for backend in ("cuda", "triton"):
+        i = 0
+        for dtype in dtypes:
+            if backend not in decode_ops.available_backends(torch.empty(1, 1, 1, 32, device=device, dtype=dtype)):
+                continue
+            for kind, t, grid, kern, variant in layouts:
+                full = t + grid[0] * grid[1]
+                for d in (32, 64, 128):
+                    n = 1 + 2 * (i % 2)
+                    lmax = full - (i % 3)
+                    for p in (0, (lmax - n) // 2, lmax - n):
+                        run(backend, kind, t, grid, kern, variant, 2, 3, n, d, dtype, ("contiguous", "blhd")[i % 2],
+                            p, lmax, i % 3 == 0)  # fmt: skip
+                    i += 1
+            # B * H == 0, and a device position past the end (NaN, no out-of-bounds read)
+            q = torch.randn(0, 2, 1, 64, device=device).to(dtype)
+            kv = torch.randn(0, 2, 20, 64, device=device).to(dtype)
+            ops.sparse_decode_attention(q, kv, kv, kind="row", position=3, text_len=4, grid_size=4, backend=backend)
+            q = torch.randn(1, 2, 1, 64, device=device).to(dtype)
+            kv = torch.randn(1, 2, 20, 64, device=device).to(dtype)
+            out = ops.sparse_decode_attention(q, kv, kv, kind="row", position=torch.tensor(25, device=device),
+                                              text_len=4, grid_size=4, backend=backend)  # fmt: skip
+            torch.cuda.synchronize(device)
+            if not bool(torch.isnan(out.float()).all()):
+                failures.append(f"sparse_decode_attention {backend} {dtype}: position out of range did not give NaN")
+    return failures
+
+
+FAMILIES["decode"] = decode
+
+
 def dalle(device: torch.device) -> list[str]:
     """A DALL-E transformer training step (train_dalle.optimizer_step: scaler unscale, clipping, AdamW) on an odd
     layout (text 7, grid 3x5: partial tiles, every layer kind), float16 with the per-resblock scaler, bfloat16

@@ -421,6 +421,53 @@ def _matmul_jobs(quick: bool) -> list[tuple]:
     return jobs
 
 
+# ---------------------------------------------------------------------------------------- decoding attention
+
+
+def _load_decode():
+    import importlib.util
+
+    import triton  # noqa: F401
+
+    spec = importlib.util.spec_from_file_location(
+        "dalle_fast_kernels_decode", os.path.join(ROOT, "kernels", "decode.py")
+    )
+    kern = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kern)
+    spec = importlib.util.spec_from_file_location(
+        "dalle_fast_triton_decode_launch", os.path.join(ROOT, "dalle_fast", "ops", "_triton_decode.py")
+    )
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    return kern, launch
+
+
+def _decode_jobs(quick: bool) -> list[tuple]:
+    """Every entry of the decoding kernel's launch table (kind x head size), each dtype, the torus switch for
+    conv, the position from a pointer or a scalar (quick: fp16 and fp32, position from a pointer)."""
+    kern, launch = _load_decode()
+    fn = kern._sparse_decode_attention_kernel
+    jobs = []
+    dtypes = ["fp16", "fp32"] if quick else list(_DTYPES)
+    for (kind, d), c in sorted(launch.CONFIGS.items()):
+        for dt in dtypes:
+            for torus in (False, True) if kind == 3 else (False,):
+                for from_ptr in (True,) if quick else (True, False):
+                    consts = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "KIND": kind,
+                              "TORUS": torus, "POS_FROM_PTR": from_ptr, "HEAD_DIM": d, "BLOCK_T": c.block_t,
+                              "BLOCK_I": c.block_i}  # fmt: skip
+                    types = {"q_ptr": _DTYPES[dt], "k_ptr": _DTYPES[dt], "v_ptr": _DTYPES[dt], "out_ptr": _DTYPES[dt],
+                             "pos_ptr": "*i64", "qk_scale": "fp32"}  # fmt: skip
+                    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+                    div = [a for a, v in sig.items() if v.startswith("*") and a != "pos_ptr"]
+                    div += [a for a, v in sig.items() if a.startswith("stride_") and v == "i32"]
+                    kname = "full row column conv".split()[kind] + ("-torus" if torus else "")
+                    label = f"{dt} D{d} {kname} T{c.block_t} I{c.block_i} w{c.num_warps} ptr={int(from_ptr)}"
+                    jobs.append(("_sparse_decode_attention_kernel", sig, consts, {"num_warps": c.num_warps}, label,
+                                 div))  # fmt: skip
+    return jobs
+
+
 def _cuobjdump() -> str:
     import triton
 
@@ -445,6 +492,7 @@ def _compile_one(job):
         getattr(kern, kernel, None)
         or getattr(_load_attention(), kernel, None)
         or getattr(_load_matmul_modules()[0], kernel, None)
+        or getattr(_load_decode()[0], kernel, None)
         or getattr(_load_dvae()[0], kernel)
     )
     target = GPUTarget("cuda", 90, 32)
@@ -503,6 +551,7 @@ def main() -> int:
     import triton
 
     every = _jobs(args.quick) + _attention_jobs(args.quick) + _dvae_jobs(args.quick) + _matmul_jobs(args.quick)
+    every += _decode_jobs(args.quick)
     jobs = [j for j in every if args.filter in j[0]]
     print(f"triton {triton.__version__}: compiling {len(jobs)} kernel configurations for sm_90 ({args.jobs} jobs)")
     print(f"cuobjdump: {_cuobjdump()}")

@@ -421,6 +421,29 @@ class DALLE(nn.Module):
         image_loss = image_sum / max(image.numel(), 1)
         return DALLELoss(c.text_loss_weight * text_loss + c.image_loss_weight * image_loss, text_loss, image_loss)
 
+    def generate(self, text_tokens, *, num_samples=1, temperature=1.0, top_k=None, top_p=None, seed=None,
+                 image_prefix=None, progress=False, cache="sparse", cuda_graph=None, backend=None):  # fmt: skip
+        """Sample image codes for captions (dalle_fast.nn.decoding: cached, mask-aware decoding).
+
+        text_tokens  int64 [B, T] (or [T]): the captions' tokens (pads included, as TextTokenizer.encode gives)
+        num_samples  images per caption
+        temperature, top_k, top_p, seed
+                     dalle_fast.ops.sample's filtering and noise (top_k=1: greedy); seed=None draws one from
+                     torch's generator; the same seed gives the same images on a given backend
+        image_prefix int64 codes [B, m] or [B, rows, W] (or without B for [T] text): given first codes (the
+                     paper's image priming), m < H*W
+        progress     True: a progress line on stderr; a callable(done, total): called after each token
+        cache        "sparse" (default), "dense" or "none": the attention of a step (tests and benchmarks)
+        cuda_graph   capture the step in a CUDA graph (default: on CUDA with the sparse cache)
+        backend      the backend for this call (None: the model's)
+        Returns int64 codes [B, num_samples, H, W] ([num_samples, H, W] for [T] text); decode them with the dVAE.
+        """
+        from .decoding import generate
+
+        return generate(self, text_tokens, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, image_prefix=image_prefix, progress=progress, cache=cache, cuda_graph=cuda_graph,
+                        backend=backend)  # fmt: skip
+
 
 def _describe(t) -> str:
     if isinstance(t, torch.Tensor):

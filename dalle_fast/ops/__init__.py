@@ -50,3 +50,9 @@ __all__ = [
     "sparse_attention",
     "use_backend",
 ]
+
+# Cached decoding attention (issue 7). Like sparse_attention, its backends depend on the head size and dtype:
+# ask dalle_fast.ops.decode.available_backends(q).
+from .decode import sparse_decode_attention  # noqa: E402
+
+__all__ += ["sparse_decode_attention"]

@@ -112,4 +112,96 @@ DF_HD float online_softmax_rescale(float m_old, float m_new) {
 // row: each sees itself).
 DF_HD float online_softmax_lse(float m, float l) { return l > 0.f ? m + logf(l) : -INFINITY; }
 
+// ---- Decoding: the keys one query reads, as a few index ranges (sparse_decode_attention) ----
+//
+// A query at raster position p reads exactly the keys k with raster_allowed(m, p, k), enumerated as at most
+// decode_slot_count(m) ranges: slot s gives KeyRange{start, count, step} = keys start + t * step, t < count
+// (count 0: an empty slot). The ranges are disjoint and their union is the mask's row p, in any order
+// (dalle_fast/reference/decode.py mirrors this, and the tests check both against the dense mask):
+//   slot 0       the text prefix 0 .. min(p, T - 1): one contiguous range
+//   full         slot 1: the image positions T .. p
+//   row          slot 1: the previous W image positions and p itself, T + max(0, i - W) .. p
+//   column       slot 1: the column of p, T + col, T + col + W, ... p (strided by W)
+//   conv         slots 1 + 2 r + c for window row r < decode_window_rows(m) and column part c in {0, 1}: the
+//                keys of one image row inside the window, clipped at col on the query's own row (causal).
+//                clipped: rows row - half .. row, one column range [col - half, col + half] cut at the borders
+//                (c = 1 stays empty). torus: rows row - j mod H (j in -half .. half; all rows 0 .. row when
+//                2 half + 1 >= H) kept when at or before the query's row, columns col - half .. col + half
+//                mod W: one range, or two where the window wraps (all of 0 .. W - 1 when 2 half + 1 >= W).
+// Only p is runtime data (a CUDA graph replays the decode step with p updated in memory): the slot count
+// depends on the mask alone, so kernels loop over a fixed number of slots.
+struct KeyRange {
+  int start;
+  int count;
+  int step;
+};
+
+DF_HD int decode_window_rows(const MaskSpec& m) {
+  if (m.kind != kMaskConv) return 0;
+  if (!m.torus) return m.half + 1;
+  return 2 * m.half + 1 < m.grid_h ? 2 * m.half + 1 : m.grid_h;
+}
+
+DF_HD int decode_slot_count(const MaskSpec& m) { return m.kind == kMaskConv ? 1 + 2 * decode_window_rows(m) : 2; }
+
+// Contiguous keys [lo, hi] of image row `row` (empty when hi < lo), as a raster range.
+DF_HD KeyRange decode_row_span(const MaskSpec& m, int row, int lo, int hi) {
+  return KeyRange{m.text_len + row * m.grid_w + lo, hi >= lo ? hi - lo + 1 : 0, 1};
+}
+
+DF_HD KeyRange decode_key_range(const MaskSpec& m, int p, int slot) {
+  const KeyRange empty{0, 0, 1};
+  if (slot == 0) return KeyRange{0, p < m.text_len ? p + 1 : m.text_len, 1};
+  if (p < m.text_len) return empty;  // a text query reads text only
+  const int i = p - m.text_len, row = i / m.grid_w, col = i % m.grid_w;
+  switch (m.kind) {
+    case kMaskFull:
+      return slot == 1 ? KeyRange{m.text_len, i + 1, 1} : empty;
+    case kMaskRow: {
+      const int first = i > m.grid_w ? i - m.grid_w : 0;
+      return slot == 1 ? KeyRange{m.text_len + first, i - first + 1, 1} : empty;
+    }
+    case kMaskColumn:
+      return slot == 1 ? KeyRange{m.text_len + col, row + 1, m.grid_w} : empty;
+    default:
+      break;
+  }
+  // conv: window row r, column part c
+  const int r = (slot - 1) >> 1, c = (slot - 1) & 1, h = m.half;
+  int krow;
+  if (!m.torus) {
+    krow = row - h + r;
+    if (krow < 0) return empty;
+  } else if (2 * h + 1 >= m.grid_h) {
+    krow = r;  // every row is in the window
+  } else {
+    krow = row - h + r;
+    krow = krow < 0 ? krow + m.grid_h : (krow >= m.grid_h ? krow - m.grid_h : krow);
+  }
+  if (krow > row) return empty;  // causal: rows after the query's
+  const int last = krow == row ? col : m.grid_w - 1;  // causal on the query's own row
+  int lo, hi;
+  if (!m.torus) {
+    if (c == 1) return empty;
+    lo = col - h < 0 ? 0 : col - h;
+    hi = col + h;
+  } else if (2 * h + 1 >= m.grid_w) {
+    if (c == 1) return empty;
+    lo = 0;
+    hi = m.grid_w - 1;
+  } else if (c == 0) {  // the part inside 0 .. W - 1
+    lo = col - h < 0 ? 0 : col - h;
+    hi = col + h;
+  } else if (col - h < 0) {  // wrapped past the left border
+    lo = col - h + m.grid_w;
+    hi = m.grid_w - 1;
+  } else if (col + h >= m.grid_w) {  // wrapped past the right border
+    lo = 0;
+    hi = col + h - m.grid_w;
+  } else {
+    return empty;
+  }
+  return decode_row_span(m, krow, lo, mask_min(hi, last));
+}
+
 }  // namespace dalle_fast

@@ -1,0 +1,149 @@
+"""Generation family benchmarks: DALLE.generate with the mask-aware cache against a dense cache and no cache.
+
+What is timed: model.generate(text [B, T], num_samples=1) from a random image prefix of H*W - steps codes, so
+each call decodes `steps` tokens (the last positions of the image, where a dense cache reads the most keys)
+and samples them with ops.sample; on CPU (tiny preset) steps = H*W, a whole image; on GPU (mid preset,
+L = 1280) the last 128 of the 1024 steps, and images/s is extrapolated from the per-step time as
+B / (median_s / steps * H*W) (the record says so: `images_per_s_estimated`).
+Random weights: speed does not depend on them (the sampled codes do, the work per step does not).
+
+Backends: ours (the sparse cache, per kernel backend of the device: cpp on CPU; cuda and triton on GPU, where
+the step runs as a CUDA graph) and the peers, measured side by side:
+    dense-cache   the same cache and model, each step attending to all L - 1 cache slots with the layer's
+                  mask row applied (F.scaled_dot_product_attention, boolean mask): a static dense cache, as
+                  known implementations do (and what a CUDA graph needs)
+    no-cache      no cache: each step recomputes the whole prefix with the training path (model.logits)
+Goals (issue 7): CPU tiny: >= 3x no cache and >= 1.5x dense cache; H200 mid, batch 16: >= 2x dense cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import harness
+
+FAMILY = "generate"
+PEERS = (("dense-cache", "dense", "dense"), ("no-cache", "nocache", "none"))
+GPU_BACKENDS = ("cuda", "triton")
+CPU_BACKENDS = ("cpp",)
+GOALS = {"cpu": {"nocache": 3.0, "dense": 1.5}, "cuda": {"dense": 2.0}}
+_models: dict[tuple, object] = {}
+
+
+def _config(preset: str):
+    from dalle_fast.nn import DALLEConfig
+
+    if preset == "smoke":
+        return DALLEConfig.tiny(n_layers=2, grid_h=4, grid_w=4, text_len=8)
+    return getattr(DALLEConfig, preset)()
+
+
+def _model(preset: str, dtype: torch.dtype, device: torch.device):
+    key = (preset, dtype, str(device))
+    if key not in _models:
+        from dalle_fast.nn import DALLE
+
+        _models.clear()  # one model alive at a time (the mid preset is 1.2 GB of fp32 weights)
+        torch.manual_seed(0)
+        _models[key] = DALLE(_config(preset), compute_dtype=dtype, device=device).eval()
+    return _models[key]
+
+
+def cases(device: torch.device, *, smoke: bool = False, quick: bool = False) -> list[dict]:
+    if smoke:
+        return [{"preset": "smoke", "batch": 2, "steps": 16, "dtype": torch.float32}]
+    if device.type == "cuda":
+        batches = (16,) if quick else (1, 16)
+        return [{"preset": "mid", "batch": b, "steps": 128, "dtype": torch.float16} for b in batches]
+    return [{"preset": "tiny", "batch": b, "steps": 64, "dtype": torch.float32} for b in (1, 16)]
+
+
+def case_id(c: dict) -> str:
+    return f"generate-{c['preset']}-B{c['batch']}-steps{c['steps']}-{harness.dtype_name(c['dtype'])}"
+
+
+def our_backends(device: torch.device) -> list[str]:
+    from dalle_fast import ops
+
+    want = GPU_BACKENDS if device.type == "cuda" else CPU_BACKENDS
+    return [b for b in ops.available_backends("sparse_decode_attention", device) if b in want]
+
+
+def make_case(c: dict, backend: str, device: torch.device):
+    def make():
+        model = _model(c["preset"], c["dtype"], device)
+        cfg = model.config
+        gen = torch.Generator().manual_seed(1)
+        text = torch.randint(0, cfg.text_vocab, (c["batch"], cfg.text_len), generator=gen).to(device)
+        prefix = torch.randint(0, cfg.image_vocab, (c["batch"], cfg.image_len - c["steps"]), generator=gen)
+        prefix = prefix.to(device)
+        if backend in PEER_CACHE:
+            kw = {"cache": PEER_CACHE[backend]}
+        else:
+            kw = {"backend": backend}
+        return lambda: model.generate(text, image_prefix=prefix, seed=0, **kw)
+
+    return make
+
+
+PEER_CACHE = {"dense-cache": "dense", "no-cache": "none"}
+
+
+def run_case(suite: harness.Suite, c: dict) -> list[dict]:
+    device = suite.device
+    cfg = _config(c["preset"])
+    shape = (c["batch"], cfg.seq_len)
+    variant = {"preset": c["preset"], "steps": c["steps"], "image_tokens": cfg.image_len}
+    recs = []
+    for backend in our_backends(device) + [p for p, _, _ in suite.peers]:
+        r = suite.measure(op="generate", backend=backend, dtype=c["dtype"], shape=shape, mode="fwd", variant=variant,
+                          make=make_case(c, backend, device), nbytes=0, flops=0)  # fmt: skip
+        if r["status"] == "ok":
+            per_image_s = r["median_s"] / c["steps"] * cfg.image_len
+            key = "images_per_s" if c["steps"] == cfg.image_len else "images_per_s_estimated"
+            r[key] = c["batch"] / per_image_s
+        recs.append(r)
+    return recs
+
+
+def goals(records: list[dict], kind: str) -> list[dict]:
+    want = GOALS.get(kind, GOALS["cuda"])
+    ok = [r for r in records if r.get("status") == "ok" and r["op"] == "generate"]
+    rows = []
+    for b in CPU_BACKENDS if kind == "cpu" else GPU_BACKENDS:
+        for key, target in want.items():
+            mine = [r for r in ok if r["backend"] == b and (kind == "cpu" or r["shape"][0] == 16)]
+            sp = [r[f"speedup_vs_{key}"] for r in mine if f"speedup_vs_{key}" in r]
+            peer = "a dense cache" if key == "dense" else "no cache"
+            rows.append({
+                "goal": f"{b} sparse cache images/s vs {peer}" + ("" if kind == "cpu" else " (batch 16)"),
+                "measured": f"{min(sp):.2f}x" if sp else "n/a",
+                "target": f">= {target}x",
+                "status": "N/A" if not sp else "PASS" if min(sp) >= target else "MISS",
+                "detail": "" if sp else "no successful records in this run",
+            })  # fmt: skip
+    return rows
+
+
+def settings_from_env() -> dict:
+    return harness.common_settings()
+
+
+def new_suite(s: dict) -> harness.Suite:
+    gpu = s["device"].type == "cuda" and not s["smoke"]
+    repeats = s["repeats"] or (3 if gpu else None)  # a call is hundreds of model steps
+    notes = ["one call = generate() of `steps` tokens from a random image prefix; peers are cache modes of the "
+             "same model"]  # fmt: skip
+    return harness.Suite(FAMILY, s["device"], smoke=s["smoke"], quick=s["quick"], repeats=repeats,
+                         warmup=1 if gpu else None, out_dir=s["out_dir"], time_budget_s=s["time_budget_s"],
+                         notes=notes, peers=PEERS)  # fmt: skip
+
+
+def main(argv=None) -> int:
+    s = harness.apply_args(settings_from_env(), harness.family_parser(__doc__.splitlines()[0]).parse_args(argv))
+    todo = cases(s["device"], smoke=s["smoke"], quick=s["quick"])
+    return harness.run_family(lambda: new_suite(s), todo, run_case, case_id, goals)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
