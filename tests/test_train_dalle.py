@@ -2,9 +2,9 @@
 
 Loss falls in a short run; the codes are cached; checkpoints are self-contained (load_dalle); resume makes the
 very next step of an uninterrupted run (bit-exact, fp32); 2-process CPU DDP with and without PowerSGD; the
-float16 per-resblock scaler path runs, and a planted overflow goes through clipping and AdamW as a skipped step
-that backs off only its block; seeded BPE dropout; bad input. (The model itself — masks, loss weighting, backend
-parity, checkpointing — is tested in test_dalle_model.py.)
+float16 per-resblock scaler path runs (also in 2-process DDP with PowerSGD), and a planted overflow goes through
+clipping and AdamW as a skipped step that backs off only its block; seeded BPE dropout; bad input. (The model
+itself — masks, loss weighting, backend parity, checkpointing — is tested in test_dalle_model.py.)
 """
 
 import json
@@ -151,8 +151,11 @@ def test_two_process_ddp_with_and_without_powersgd(dvae, cache, tmp_path):
     run(args_for(dvae, cache, tmp_path / "warm.pt", "--steps", "1"))  # the codes are cached before the ranks start
     runs = [args_for(dvae, cache, tmp_path / f"ddp{r}.pt", "--steps", "14", "--powersgd-rank", str(r),
                      "--powersgd-start", "2", "--device", "cpu") for r in (0, 1)]  # fmt: skip
+    # and float16 with the per-resblock scaler (flags OR-ed over ranks) under PowerSGD
+    runs.append(args_for(dvae, cache, tmp_path / "ddp16.pt", "--steps", "8", "--powersgd-rank", "1",
+                         "--powersgd-start", "2", "--dtype", "float16", "--backend", "cpp"))  # fmt: skip
     base = 29500 + random.Random().randrange(2000)
-    ports = f"{base},{base + 1}"
+    ports = f"{base},{base + 1},{base + 2}"
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -173,6 +176,11 @@ def test_two_process_ddp_with_and_without_powersgd(dvae, cache, tmp_path):
         assert all(torch.equal(ckpt["model"][k], r0["params"][k]) for k in r0["params"])
     a, b = ranks[0][0]["params"], ranks[0][1]["params"]
     assert not all(torch.equal(a[k], b[k]) for k in a)  # PowerSGD's compressed gradients differ from all-reduce
+    r0, r1 = ranks[0][2], ranks[1][2]
+    assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
+    assert all(torch.isfinite(v).all() for v in r0["params"].values())
+    scaler = training.load_checkpoint(tmp_path / "ddp16.pt")["scaler"]
+    assert scaler["replicas"] == 2 and torch.all(scaler["scales"] > 2 * 2.0**13)  # M = 2 replicas, all steps finite
 
 
 # float16 with the per-resblock scaler --------------------------------------------------------------------
