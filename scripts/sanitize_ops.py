@@ -326,6 +326,44 @@ def sample(device: torch.device) -> list[str]:
 FAMILIES["sample"] = sample
 
 
+def dalle(device: torch.device) -> list[str]:
+    """A DALL-E transformer training step (train_dalle.optimizer_step: scaler unscale, clipping, AdamW) on an odd
+    layout (text 7, grid 3x5: partial tiles, every layer kind), float16 with the per-resblock scaler, bfloat16
+    and float32 without, on each GPU backend."""
+    from dalle_fast.nn import DALLEConfig
+    from dalle_fast.ops import attention
+    from dalle_fast.train_dalle import build_model, optimizer_step
+
+    failures = []
+    kinds = ("row", "column", "conv")
+    c = DALLEConfig.tiny(n_layers=3, n_heads=2, head_dim=64, text_len=7, text_vocab=50, grid_h=3, grid_w=5,
+                         image_vocab=13, layer_kinds=kinds, conv_kernel=3, loss_chunk=9)  # fmt: skip
+    q = torch.empty(1, 1, 1, 64, device=device, dtype=torch.float16)
+    for backend in [b for b in attention.available_backends(q) if b in ("cuda", "triton")]:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            tag = f"dalle step {backend} {dtype}"
+            try:
+                torch.manual_seed(0)
+                model, scaler = build_model(c, dtype, device=device, backend=backend)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.96), eps=1e-8)
+                text = torch.randint(0, c.text_vocab, (3, c.text_len), device=device)
+                image = torch.randint(0, c.image_vocab, (3, c.image_len), device=device)
+                for _ in range(2):
+                    loss = model(text, image).loss
+                    loss.backward()
+                    applied = optimizer_step(model, opt, scaler, 4.0, 1)
+                    opt.zero_grad(set_to_none=True)
+                    if not applied or not bool(torch.isfinite(loss)):
+                        failures.append(f"{tag}: step skipped or loss non-finite ({float(loss)})")
+                torch.cuda.synchronize(device)
+            except Exception as e:
+                failures.append(f"{tag}: {type(e).__name__}: {str(e)[:300]}")
+    return failures
+
+
+FAMILIES["dalle"] = dalle
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", action="append", help="repeatable; default: all")
