@@ -54,7 +54,8 @@ PRESETS = {
     # the paper's model (pip package dall-e): 256x256 images -> 32x32 tokens over 8192 codes
     "openai": {"group_count": 4, "n_hid": 256, "n_blk_per_group": 2, "vocab_size": 8192, "n_init": 128},
     # the default: a small model that learns visibly in minutes on 2 CPU cores
-    "small": {"group_count": 4, "n_hid": 32, "n_blk_per_group": 1, "vocab_size": 512, "n_init": 64},
+    # 32x32 images -> 8x8 tokens of 4x4 pixels (group_count 3): see the module doc for why not 8x8 pixels
+    "small": {"group_count": 3, "n_hid": 32, "n_blk_per_group": 1, "vocab_size": 512, "n_init": 64},
 }
 MODEL_KEYS = ("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "channels")
 
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image-size", type=int, default=32, help="square image side in pixels (a multiple of 8)")
     a("--synthetic-length", type=int, default=20000, help="number of synthetic training scenes")
     a("--steps", type=int, default=1500, help="total optimizer steps (the schedules' horizon)")
-    a("--batch-size", type=int, default=32, help="images per step and per process")
+    a("--batch-size", type=int, default=16, help="images per step and per process")
     a("--preset", choices=sorted(PRESETS), default="small", help="model sizes (openai: the paper's)")
     for k in ("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init"):
         a("--" + k.replace("_", "-"), type=int, default=None, help="override the preset's value")
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tau-steps", type=int, default=None, help="temperature cosine horizon (default: --steps)")
     a("--beta-end", type=float, default=PAPER["beta_end"])
     a("--beta-steps", type=int, default=None, help="KL-weight cosine horizon (default: --steps / 10)")
+    a("--hard", action="store_true", help="straight-through Gumbel (one-hot codes forward; not the paper's)")
+    a("--codebook-std", type=float, default=1.0,
+      help="initial std of the decoder's codebook vectors (0: the official init, std 1/sqrt(vocab_size))")  # fmt: skip
     a("--ema-decay", type=float, default=0.999)
     a("--amp", choices=("auto", "on", "off"), default="auto", help="fp16 with loss scaling (auto: on CUDA)")
     a("--seed", type=int, default=0)
@@ -123,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ckpt-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     a("--grid-every", type=int, default=500, help="reconstruction grid every N steps (and at the end); 0: end only")
     a("--grid-images", type=int, default=8, help="images in a reconstruction grid")
+    a("--eval-images", type=int, default=256, help="images (the first of the data set) for the final usage figures")
     a("--log-every", type=int, default=25, help="progress line every N steps when not on a terminal")
     a("--resume", default=None, help="checkpoint path, or 'auto' for OUT/dvae.pt when it exists")
     a("--stop-after", type=int, default=None, help="stop after N steps of this run (as an interruption would)")
@@ -144,13 +149,13 @@ def check_args(args) -> dict:
                  "beta_steps", "stop_after", "threads", "group_count", "n_hid", "n_blk_per_group", "vocab_size",
                  "n_init"):  # fmt: skip
         _positive(args, name)
-    for name in ("ckpt_every", "grid_every"):
+    for name in ("ckpt_every", "grid_every", "eval_images"):
         _positive(args, name, allow_zero=True)
     for name in ("lr", "tau_start", "tau_end"):
         v = getattr(args, name)
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"--{name.replace('_', '-')}: expected a finite number > 0, got {v}")
-    for name in ("lr_end", "weight_decay", "beta_end"):
+    for name in ("lr_end", "weight_decay", "beta_end", "codebook_std"):
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise ValueError(f"--{name.replace('_', '-')}: expected a finite number >= 0, got {v}")
@@ -200,6 +205,24 @@ def code_usage(logits: torch.Tensor) -> tuple[float, int]:
     counts = torch.bincount(codes, minlength=logits.shape[1]).double()
     p = counts[counts > 0] / codes.numel()
     return float(torch.exp(-(p * p.log()).sum())), int((counts > 0).sum())
+
+
+@torch.no_grad()
+def evaluate(model, images: torch.Tensor, batch_size: int = 64) -> dict:
+    """Codebook usage and reconstruction error over `images` as the paper tokenizes (argmax codes): the
+    perplexity of the code histogram, the number of distinct codes, and the mean squared error (pixels in
+    [0, 1]) of the reconstructions decoded from the argmax codes."""
+    codes, se = [], 0.0
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size]
+        c = model.get_codebook_indices(x)
+        codes.append(c.flatten())
+        se += float(((model.decode(c).float() - x.float()) ** 2).sum())
+    codes = torch.cat(codes)
+    counts = torch.bincount(codes, minlength=model.vocab_size).double()
+    p = counts[counts > 0] / codes.numel()
+    return {"images": images.shape[0], "ppl": float(torch.exp(-(p * p.log()).sum())), "codes": int((counts > 0).sum()),
+            "mse": se / images.numel()}  # fmt: skip
 
 
 # Data ----------------------------------------------------------------------------------------------------
@@ -283,6 +306,9 @@ def train(args, *, stream=None) -> dict:
                                        world_size=dist.world)  # fmt: skip
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         model = make_dvae(config, device=device)
+        if args.codebook_std > 0:
+            with torch.no_grad():
+                model.decoder.codebook.w.normal_(0.0, args.codebook_std)
         if not use_amp:
             for m in model.modules():  # fp32 throughout when loss scaling is off (CPU, or --amp off on CUDA)
                 if hasattr(m, "use_float16"):
@@ -331,7 +357,7 @@ def train(args, *, stream=None) -> dict:
                     g["lr"] = s["lr"]
                 x = fetch(dataset, sampler.indices(step), int(sampler.epoch(step))).to(device, non_blocking=True)
                 seed = training.step_seed(args.seed, step, dist.rank)
-                out = net(x, tau=s["tau"], beta=s["beta"], seed=seed)
+                out = net(x, tau=s["tau"], beta=s["beta"], seed=seed, hard=args.hard)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out.loss).backward()
                 scaler.step(optimizer)
@@ -350,12 +376,16 @@ def train(args, *, stream=None) -> dict:
                     save_grid(os.path.join(args.out, f"recon_{done:06d}.png"), model, grid_images)
                 if args.ckpt_every and done % args.ckpt_every == 0 and done != end:
                     save(done)
+        final = None
         if end > start or resume is None:
             save(end)
             if dist.is_main:
                 save_grid(os.path.join(args.out, f"recon_{end:06d}.png"), model, grid_images)
+                if args.eval_images:
+                    n = min(args.eval_images, len(dataset))
+                    final = evaluate(model, fetch(dataset, list(range(n)), 0).to(device))
         dist.barrier()
-        return {"step": end, "history": history, "out": args.out, "model": model}
+        return {"step": end, "history": history, "out": args.out, "model": model, "eval": final}
     finally:
         dist.close()
 
@@ -370,10 +400,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     result = train(args)
     if int(os.environ.get("RANK", "0")) == 0:
-        h = result["history"][-1] if result["history"] else {}
+        h, e = (result["history"][-1] if result["history"] else None), result["eval"]
         print(f"train_dvae: {result['step']} steps in {time.perf_counter() - t0:.1f} s; checkpoint "
-              f"{os.path.join(args.out, CHECKPOINT_NAME)}" + (f"; last batch: recon nll {h['nll']:.4f}, kl "
-              f"{h['kl']:.3f}, code perplexity {h['ppl']:.1f}, {h['codes']} distinct codes" if h else ""))  # fmt: skip
+              f"{os.path.join(args.out, CHECKPOINT_NAME)}")  # fmt: skip
+        if h:
+            print(f"train_dvae: last batch: recon nll {h['nll']:.4f}, kl {h['kl']:.3f}, code perplexity "
+                  f"{h['ppl']:.1f}, {h['codes']} distinct codes")  # fmt: skip
+        if e:
+            print(f"train_dvae: argmax codes of the first {e['images']} images: perplexity {e['ppl']:.1f}, "
+                  f"{e['codes']} distinct codes of {result['model'].vocab_size}; reconstruction mse "
+                  f"{e['mse']:.4f}")  # fmt: skip
     return 0
 
 

@@ -18,8 +18,9 @@ from dalle_fast.nn import DiscreteVAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--n-hid", "8", "--vocab-size", "16", "--n-init", "8", "--n-blk-per-group", "1", "--image-size", "32",
-        "--synthetic-length", "64", "--log-every", "1000", "--grid-images", "4"]  # fmt: skip
+TINY = ["--group-count", "4", "--n-hid", "8", "--vocab-size", "16", "--n-init", "8", "--n-blk-per-group", "1",
+        "--image-size", "32", "--synthetic-length", "64", "--log-every", "1000", "--grid-images", "4",
+        "--eval-images", "16"]  # fmt: skip
 
 
 def args_for(tmp_path, *extra, name="run"):
@@ -47,11 +48,13 @@ def assert_same_tensors(a, b, what):
 
 
 def test_short_run_learns_and_uses_more_codes(tmp_path):
+    # the official codebook init here: with 16 codes and 60 steps it shows the rise most clearly
     args = args_for(tmp_path, "--steps", "60", "--batch-size", "8", "--lr", "3e-3", "--grid-every", "0",
-                    "--ckpt-every", "0")  # fmt: skip
+                    "--ckpt-every", "0", "--codebook-std", "0")  # fmt: skip
     res = T.train(args, stream=open(os.devnull, "w"))
     h = res["history"]
     assert len(h) == 60 and res["step"] == 60
+    assert res["eval"]["images"] == 16 and 1 <= res["eval"]["codes"] <= 16 and 0 < res["eval"]["mse"] < 1
 
     def mean(key, part):
         return sum(r[key] for r in part) / len(part)
@@ -144,7 +147,9 @@ def test_code_usage():
     [
         (["--steps", "-3"], "--steps: expected an integer > 0, got -3"),
         (["--batch-size", "0"], "--batch-size: expected an integer > 0, got 0"),
-        (["--image-size", "36"], "--image-size: expected a positive multiple of 8"),
+        (["--image-size", "36", "--group-count", "4"], "--image-size: expected a positive multiple of 8"),
+        (["--image-size", "30"], "--image-size: expected a positive multiple of 4"),
+        (["--image-size", "16"], "--image-size: the synthetic data set needs at least 24 pixels"),
         (["--data", "/no/such/folder"], "--data: expected 'synthetic' or an existing image folder"),
         (["--resume", "/no/such/file.pt"], "--resume: expected 'auto' or a checkpoint file"),
         (["--lr", "-1"], "--lr: expected a finite number > 0"),
