@@ -20,8 +20,9 @@ dalle_fast.train_dvae runs) with the fused ops (our backends, and backend "eager
 dalle_fast.reference ops) against the eager composition "torch": the same encoder and decoder with
 F.gumbel_softmax + conv2d for the quantizer and the reference formulas for the losses (what the model is
 without our ops). Shape (B, image side, vocab, n_hid, n_blk_per_group, n_init): GPU the paper's dVAE (batch 8,
-256x256 -> 32x32 tokens, 8192 codes); CPU train_dvae's small model at 128x128 (16x16 tokens), 1024 codes,
-batch 4. Not compiled (torch.compile is measured on the ops). Bytes: images plus the AdamW pass over
+256x256 -> 32x32 tokens, 8192 codes); CPU the widths of train_dvae's small preset (n_hid 32, one block per
+group, n_init 64) with the paper's 4 groups at 128x128 (16x16 tokens), 1024 codes, batch 4. Not compiled
+(torch.compile is measured on the ops). Bytes: images plus the AdamW pass over
 parameters, gradients and both moments (read 4, write 3 fp32 per parameter); flops: counted by
 torch.utils.flop_counter on the eager forward + backward.
 
