@@ -170,6 +170,8 @@ def check_args(args) -> dict:
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise ValueError(f"--{name.replace('_', '-')}: expected a finite number >= 0, got {v}")
+    if args.amp == "on" and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
+        raise ValueError("--amp on: fp16 loss scaling needs a CUDA device, and this run is on the CPU")
     if not 0 <= args.ema_decay < 1:
         raise ValueError(f"--ema-decay: expected a number in [0, 1), got {args.ema_decay}")
     config = dict(PRESETS[args.preset])

@@ -113,6 +113,19 @@ def test_atomic_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch):
     assert res["step"] == 6 and len(res["history"]) == 4
 
 
+def test_image_folder_run(tmp_path):
+    from dalle_fast.masks import write_png
+
+    folder = tmp_path / "images" / "sub"
+    folder.mkdir(parents=True)
+    for i in range(3):  # non-square, larger than the training size: cropped and resized by data.ImageFolder
+        write_png(str(folder / f"{i}.png"), (torch.rand(40, 48, 3) * 255).to(torch.uint8))
+    args = args_for(tmp_path, "--data", str(tmp_path / "images"), "--steps", "2", "--batch-size", "2")
+    res = T.train(args, stream=open(os.devnull, "w"))
+    assert res["step"] == 2 and res["eval"]["images"] == 3
+    assert T.load_dvae(tmp_path / "run" / "dvae.pt").image_size == 32
+
+
 def test_load_dvae(tmp_path):
     args = args_for(tmp_path, "--steps", "3", "--batch-size", "4", "--grid-every", "0")
     res = T.train(args, stream=open(os.devnull, "w"))
@@ -154,6 +167,7 @@ def test_code_usage():
         (["--resume", "/no/such/file.pt"], "--resume: expected 'auto' or a checkpoint file"),
         (["--lr", "-1"], "--lr: expected a finite number > 0"),
         (["--ema-decay", "1.5"], "--ema-decay: expected a number in \\[0, 1\\)"),
+        (["--amp", "on", "--device", "cpu"], "--amp on: fp16 loss scaling needs a CUDA device"),
     ],
 )
 def test_bad_arguments(argv, match, capsys, tmp_path):
