@@ -301,7 +301,10 @@ def checkpoint_state(args, config, step, model, optimizer, ema, scaler) -> dict:
 
 
 def train(args, *, stream=None) -> dict:
-    """Run training as `args` say; returns {"step", "history": [per-step dicts on rank 0], "out"}."""
+    """Run training as `args` say (build_parser's namespace). Returns {"step": the last step done, "history":
+    per-step dicts of rank 0's batch (loss, nll, kl, ppl, codes, tau, beta, lr; empty on other ranks), "out",
+    "model": the trained module (raw weights), "eval": evaluate()'s figures on rank 0 (None elsewhere, with
+    --eval-images 0, or when a resumed run had nothing left to do)}."""
     from . import ops
     from .nn.dvae import DVAEOutput  # noqa: F401  (documents what forward returns)
 
