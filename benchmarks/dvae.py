@@ -1,5 +1,5 @@
 """dVAE family benchmarks: the fused quantizer gumbel_quantize and the two losses (logit_laplace_nll,
-categorical_kl_uniform).
+categorical_kl_uniform), and a whole dVAE training step.
 
 Shapes (paper / issue 5): GPU: batch 8, 32x32 tokens, 8192 codes, 128-dim codebook (the decoder's n_init);
 CPU: batch 4, 16x16 tokens, 1024 codes, 128-dim codebook. The NLL runs on the matching images (8x the token
@@ -13,6 +13,18 @@ Backends: our kernel backends for the device, and the peers measured side by sid
 
 Modes: "fwd" (no autograd graph: inference; quantizer only) and "fwd+bwd" (one forward and autograd.grad of
 logits, codebook weight and bias / of mu and ln b / of the logits).
+
+Whole training step (op "dvae_train_step", mode fwd+bwd): DiscreteVAE.forward, backward and one AdamW step
+(zero_grad, forward, backward, optimizer.step; on CUDA fp16 convolutions with torch.amp.GradScaler, as
+dalle_fast.train_dvae runs) with the fused ops (our backends, and backend "eager": the same model on the
+dalle_fast.reference ops) against the eager composition "torch": the same encoder and decoder with
+F.gumbel_softmax + conv2d for the quantizer and the reference formulas for the losses (what the model is
+without our ops). Shape (B, image side, vocab, n_hid, n_blk_per_group, n_init): GPU the paper's dVAE (batch 8,
+256x256 -> 32x32 tokens, 8192 codes); CPU the widths of train_dvae's small preset (n_hid 32, one block per
+group, n_init 64) with the paper's 4 groups at 128x128 (16x16 tokens), 1024 codes, batch 4. Not compiled
+(torch.compile is measured on the ops). Bytes: images plus the AdamW pass over
+parameters, gradients and both moments (read 4, write 3 fp32 per parameter); flops: counted by
+torch.utils.flop_counter on the eager forward + backward.
 
 Minimum bytes and nominal flops (N = B*K*S logits, P = B*S pixels, e = element size):
     quantizer fwd      read logits, write out, read W              N e + P C e + C K 4;       2 P K C + 9 N
@@ -35,6 +47,11 @@ SHAPES = {  # (B, K, H, W, C)
     "cpu": (4, 1024, 16, 16, 128),
 }
 SMOKE_SHAPE = (2, 64, 4, 4, 16)
+STEP_SHAPES = {  # (B, image side, vocab_size, n_hid, n_blk_per_group, n_init)
+    "cuda": (8, 256, 8192, 256, 2, 128),
+    "cpu": (4, 128, 1024, 32, 1, 64),
+}
+SMOKE_STEP_SHAPE = (2, 32, 64, 8, 1, 8)
 GPU_BACKENDS = ("cuda", "triton")
 CPU_BACKENDS = ("cpp",)
 PEERS = harness.DEFAULT_PEERS
@@ -137,6 +154,76 @@ def cost(op: str, mode: str, shape, dtype) -> tuple[int, int]:
     return 3 * N * e, 12 * N
 
 
+# ------------------------------------------------------------------------------------ whole training step
+
+
+def _eager_dvae_forward(model, x, *, tau, beta):
+    """DiscreteVAE.forward written with torch's own ops: F.gumbel_softmax + conv2d, the reference losses."""
+    from dalle_fast import reference
+    from dalle_fast.nn.dvae import map_pixels
+
+    xm = map_pixels(x.float())
+    logits = model.encoder(xm).float()
+    cb = model.decoder.codebook
+    h = F.conv2d(F.gumbel_softmax(logits, tau=tau, dim=1), cb.w, cb.b)
+    stats = model.decoder.forward_embedded(h).float()
+    c = model.channels
+    nll = reference.logit_laplace_nll(xm, stats[:, :c], stats[:, c:], "mean")
+    kl = reference.categorical_kl_uniform(logits, 1, "mean")
+    return nll + beta * (logits.shape[2] * logits.shape[3]) / (x.shape[1] * x.shape[2] * x.shape[3]) * kl
+
+
+def _step_model(shape, device):
+    from dalle_fast.train_dvae import make_dvae
+
+    B, S, K, n_hid, n_blk, n_init = shape
+    torch.manual_seed(0)
+    cfg = {"group_count": 4, "n_hid": n_hid, "n_blk_per_group": n_blk, "vocab_size": K, "n_init": n_init, "channels": 3}
+    return make_dvae(cfg, device=device)
+
+
+def make_step_case(backend, shape, device):
+    B, S = shape[0], shape[1]
+
+    def make():
+        from dalle_fast import ops
+
+        model = _step_model(shape, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.rand(B, 3, S, S, device=device, generator=gen)
+
+        def loss():
+            if backend == harness.PEER_EAGER:
+                return _eager_dvae_forward(model, x, tau=0.5, beta=1.0)
+            with ops.use_backend(backend):
+                return model(x, tau=0.5, beta=1.0, seed=1234).loss
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss()).backward()
+            scaler.step(opt)
+            scaler.update()
+
+        step()  # the optimizer's moments exist before anything is timed or measured
+        return step
+
+    return make
+
+
+def step_cost(shape, device) -> tuple[int, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, S = shape[0], shape[1]
+    model = _step_model(shape, "meta")
+    n_params = sum(p.numel() for p in model.parameters())
+    x = torch.rand(B, 3, S, S, device="meta")
+    with FlopCounterMode(display=False) as fc:
+        _eager_dvae_forward(model, x, tau=0.5, beta=1.0).backward()
+    return B * 3 * S * S * 4 + 7 * 4 * n_params, int(fc.get_total_flops())
+
+
 # ----------------------------------------------------------------------------------------------- suite
 
 
@@ -146,6 +233,8 @@ def cases(device: torch.device, *, smoke: bool = False, quick: bool = False):
     if not quick:
         out += [{"op": op, "mode": "fwd+bwd", "shape": shape, "dtype": torch.float32}
                 for op in ("logit_laplace_nll", "categorical_kl_uniform")]  # fmt: skip
+        step_shape = SMOKE_STEP_SHAPE if smoke else STEP_SHAPES[device.type]
+        out.append({"op": "dvae_train_step", "mode": "fwd+bwd", "shape": step_shape, "dtype": torch.float32})
     return out
 
 
@@ -163,6 +252,8 @@ def our_backends(device: torch.device) -> list[str]:
 def run_case(suite: harness.Suite, c: dict) -> list[dict]:
     device = suite.device
     op, mode, shape, dtype = c["op"], c["mode"], c["shape"], c["dtype"]
+    if op == "dvae_train_step":
+        return run_step_case(suite, c)
     nbytes, flops = cost(op, mode, shape, dtype)
     recs = []
     for backend in our_backends(device) + [p for p, _, _ in suite.peers]:
@@ -172,6 +263,20 @@ def run_case(suite: harness.Suite, c: dict) -> list[dict]:
             continue
         recs.append(suite.measure(**common, make=make_case(op, backend, mode, shape, dtype, device),
                                   nbytes=nbytes, flops=flops))  # fmt: skip
+    return recs
+
+
+def run_step_case(suite: harness.Suite, c: dict) -> list[dict]:
+    device, shape = suite.device, c["shape"]
+    nbytes, flops = step_cost(shape, device)
+    recs = []
+    for backend in our_backends(device) + ["eager"] + [p for p, _, _ in suite.peers]:
+        common = dict(op=c["op"], backend=backend, dtype=c["dtype"], shape=shape, mode=c["mode"], variant={})
+        if backend == harness.PEER_COMPILE:
+            recs.append(suite.skip(**common, reason="whole step not compiled (torch.compile is measured per op)"))
+            continue
+        recs.append(suite.measure(**common, make=make_step_case(backend, shape, device), nbytes=nbytes,
+                                  flops=flops))  # fmt: skip
     return recs
 
 
