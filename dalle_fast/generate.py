@@ -29,7 +29,7 @@ def load_models(checkpoint, dvae=None, *, device="cpu", ema: bool = True):
         dvae = load_checkpoint(checkpoint).get("args", {}).get("dvae")
         if not dvae:
             raise ValueError(f"--dvae: the checkpoint {checkpoint!r} does not record its dVAE: pass --dvae PATH")
-    return model, tokenizer, load_dvae(dvae, device=device)
+    return model, tokenizer, load_dvae(dvae, map_location=device)
 
 
 def encode_captions(tokenizer, captions: list[str]) -> torch.Tensor:
