@@ -7,6 +7,7 @@ dispatch. Every function takes `backend=None | "triton" | "cuda" | "cpp" | "eage
 from .._dispatch import BACKENDS, BackendUnavailable, use_backend
 from . import dvae as _dvae
 from . import gumbel as _gumbel
+from . import loss as _loss
 from . import matmul as _matmul
 from .attention import sparse_attention
 from .dvae import categorical_kl_uniform, gumbel_quantize, logit_laplace_nll
@@ -19,16 +20,15 @@ _FAMILY = {
     **dict.fromkeys(("gumbel_noise", "gumbel_softmax", "gumbel_argmax"), _gumbel),
     **dict.fromkeys(("gumbel_quantize", "logit_laplace_nll", "categorical_kl_uniform"), _dvae),
     **dict.fromkeys(("scaled_matmul", "scaled_linear", "scale_filter"), _matmul),
+    "linear_cross_entropy": _loss,
 }
 
 
 def available_backends(op_name: str, device) -> list[str]:
     """The backends that can serve the public op `op_name` on `device`, in BACKENDS order. sparse_attention
     also depends on the head size and dtype: ask dalle_fast.ops.attention.available_backends(q)."""
-    if op_name == "linear_cross_entropy":
-        return ["eager"]  # its kernels are future work (ops/loss.py)
     if op_name not in _FAMILY:
-        names = sorted([*_FAMILY, "linear_cross_entropy"])
+        names = sorted(_FAMILY)
         raise ValueError(f"op_name: expected one of {names}, got {op_name!r}")
     return _FAMILY[op_name].available_backends(op_name, device)
 
