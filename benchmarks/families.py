@@ -10,3 +10,4 @@ FAMILIES = {
     "dvae": "benchmarks.dvae",
 }
 FAMILIES["matmul"] = "benchmarks.matmul"
+FAMILIES["loss"] = "benchmarks.loss"

@@ -12,7 +12,8 @@ Per chunk of rows, all on our Triton kernels:
     dW += G^T @ x_c            the same kernel into fp32 (the first chunk straight into the fp32 accumulator,
                                later chunks into a [V, d] scratch that is added: the kernel has no C += mode)
     db += colsum(G)            torch's sum over the chunk (fp32)
-Configurations: the matmul launcher's table (its INTERPRETER_CONFIG under TRITON_INTERPRET=1); the row pass
+Configurations: LOSS_CONFIGS on sm_90, else the matmul launcher's table (INTERPRETER_CONFIG, 64-wide tiles, under
+TRITON_INTERPRET=1: the interpreter pays per program); the row pass
 uses ROW_BLOCK / ROW_WARPS (scripts/triton_aot_check.py compiles them for sm_90).
 """
 
@@ -28,6 +29,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROW_BLOCK = 2048
 ROW_WARPS = 8
 INTERPRETER_ROW_BLOCK = 256
+INTERPRETER_CONFIG = _mm.MatmulConfig(64, 64, 64, 4, 4, 1)  # few, larger tiles: the interpreter pays per program
 
 
 def _kernels():
@@ -66,10 +68,24 @@ def _check(x, weight, bias, target, chunk_size) -> None:
         raise ValueError(f"{op}: chunk_size: expected >= 1, got {chunk_size}")
 
 
+# The GEMMs' configurations. The matmul family's sm_90 fp16/bf16 entry (128x128x64, 8 warps, 3 stages) spills on
+# sm_90 with the strides the loss head feeds it (W^T and G^T: the K-contiguous operand on the other side, and
+# the fp32 G rounded as it is loaded), so the loss head has its own entry there (scripts/triton_aot_check.py).
+LOSS_CONFIGS: dict[int, dict[str, _mm.MatmulConfig]] = {
+    9: {"low": _mm.MatmulConfig(128, 64, 64, 8, 8, 3), "fp32": _mm.CONFIGS[9]["fp32"]},
+}
+
+
+def config_for(capability: tuple[int, int] | None, dtype: torch.dtype) -> _mm.MatmulConfig:
+    """The GEMM configuration for a device of `capability` (None: the interpreter) and operand dtype."""
+    if capability is None:
+        return INTERPRETER_CONFIG
+    own = LOSS_CONFIGS.get(capability[0])
+    return own[_mm.operand_class(dtype)] if own else _mm.config_for(capability, dtype)
+
+
 def _config(device: torch.device, dtype: torch.dtype) -> _mm.MatmulConfig:
-    if device.type == "cpu":
-        return _mm.INTERPRETER_CONFIG
-    return _mm.config_for(torch.cuda.get_device_capability(device), dtype)
+    return config_for(None if device.type == "cpu" else torch.cuda.get_device_capability(device), dtype)
 
 
 def _matmul_into(a, b, out, cfg, flag) -> None:
