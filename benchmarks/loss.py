@@ -94,8 +94,17 @@ def run_case(suite: harness.Suite, c: dict) -> list[dict]:
     for backend in our_backends(device) + [harness.PEER_EAGER, PEER_CHUNKED]:
         make = make_loss(backend, N, d, V, c["chunk"], c["dtype"], device)
         recs.append(
-            suite.measure(op=c["op"], backend=backend, dtype=c["dtype"], shape=c["shape"], mode=c["mode"],
-                          variant={"chunk": c["chunk"]}, make=make, nbytes=nbytes, flops=flops)  # fmt: skip
+            suite.measure(
+                op=c["op"],
+                backend=backend,
+                dtype=c["dtype"],
+                shape=c["shape"],
+                mode=c["mode"],
+                variant={"chunk": c["chunk"]},
+                make=make,
+                nbytes=nbytes,
+                flops=flops,
+            )  # fmt: skip
         )
     return recs
 

@@ -238,7 +238,8 @@ def loss(device: torch.device) -> list[str]:
                 try:
                     strided = i % 2 == 1
                     x = torch.randn(d, n, device=device).t() if strided else torch.randn(n, d, device=device)
-                    w = torch.randn(v, d + 2, device=device)[:, 1 : d + 1] if strided else torch.randn(v, d, device=device)
+                    w = torch.randn(v, d + 2, device=device)[:, 1 : d + 1]
+                    w = w if strided else w.contiguous()
                     x, w = x.to(dtype).requires_grad_(True), (w / max(d, 1) ** 0.5).to(dtype).requires_grad_(True)
                     b = torch.randn(v, device=device).to(dtype).requires_grad_(True) if i % 3 else None
                     t = torch.randint(0, v, (n,), device=device)
