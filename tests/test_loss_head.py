@@ -290,3 +290,13 @@ def test_kernel_backends_reject_what_they_cannot_serve(device, backend):
     bad = torch.tensor([0, 1, 7, 2, -4], device=device)
     loss, dx, dw, db = op(x, w, b, bad, 2, True, True, True)
     assert torch.isnan(loss) and bool(torch.isfinite(dx).all() & torch.isfinite(dw).all() & torch.isfinite(db).all())
+
+
+@device_backends
+def test_no_rows(device, backend):
+    """N = 0: a zero loss whose gradients are zero (dx empty)."""
+    x, w, b, t = _inputs(0, 4, 3, device)
+    x, w, b = _leaves(x, w, b)
+    loss = ops.linear_cross_entropy(x, w, b, t, backend=backend)
+    dx, dw, db = torch.autograd.grad(loss, [x, w, b])
+    assert loss.item() == 0 and dx.shape == (0, 4) and not dw.any() and not db.any()

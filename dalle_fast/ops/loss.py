@@ -60,10 +60,11 @@ def _backward(ctx, grad, _gdx, _gdw, _gdb):
     dx, dw, db = ctx.saved_tensors
     need = ctx.needs_input_grad
 
-    def scaled(t, i):  # a 0-dim fp32 grad keeps t's dtype (dimensioned tensors win type promotion)
-        return t * grad if need[i] and t.numel() else None
-
-    return scaled(dx, 0), scaled(dw, 1), scaled(db, 2), None, None, None, None, None
+    # A gradient the op did not compute is a 1-D [0] placeholder (dx and dweight are 2-D when computed, dbias
+    # has V >= 1 elements). A 0-dim fp32 grad keeps t's dtype (dimensioned tensors win type promotion).
+    computed = (dx.dim() == 2, dw.dim() == 2, db.numel() > 0)
+    out = [t * grad if need[i] and computed[i] else None for i, t in enumerate((dx, dw, db))]
+    return (*out, None, None, None, None, None)
 
 
 def _register(name: str) -> None:
