@@ -112,3 +112,15 @@ TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
 TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
   m.def("sample(Tensor logits, float temperature, int top_k, float top_p, int seed, int offset) -> Tensor");
 }
+
+// The loss head (issue 6; dalle_fast/ops/loss.py, csrc/include/dalle_fast/loss.h): sum_i CE(x_i W^T + b, t_i)
+// over chunks of chunk_size rows, computing with the loss the gradients asked for (grad_*), which backward
+// only scales. x [N, d], weight [V, d], bias [V] (one dtype: fp16, bf16 or fp32), target int64 [N] in [0, V)
+// (out of range: a NaN loss). Returns (loss fp32 0-dim, dx [N, d] x's dtype, dweight [V, d], dbias [V]); a
+// gradient not asked for (or dbias without a bias) is an empty [0] tensor. Functional: the [chunk, V] logits
+// buffer that the fused row pass overwrites with softmax - onehot is owned by the op.
+TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
+  m.def(
+      "linear_cross_entropy(Tensor x, Tensor weight, Tensor? bias, Tensor target, int chunk_size, bool grad_x, "
+      "bool grad_weight, bool grad_bias) -> (Tensor loss, Tensor dx, Tensor dweight, Tensor dbias)");
+}

@@ -23,6 +23,10 @@ from dalle_fast.ops import sampling  # noqa: E402
 
 OPS = OPS + sampling.OPS
 
+from dalle_fast.ops import loss  # noqa: E402
+
+OPS = OPS + loss.OPS
+
 if dalle_fast.extension_error:
     sys.exit(f"dalle_fast._C did not load: {dalle_fast.extension_error}")
 keys = ["CPU"] + (["CUDA"] if os.environ.get("DALLE_FAST_EXPECT_CUDA") == "1" else [])

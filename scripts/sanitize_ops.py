@@ -364,6 +364,49 @@ def dalle(device: torch.device) -> list[str]:
 FAMILIES["dalle"] = dalle
 
 
+def loss(device: torch.device) -> list[str]:
+    """linear_cross_entropy forward and gradients: ragged chunks, V not a multiple of the row block, d = 1,
+    N = 1 and N == 0, strided x and weight, with and without bias, every kernel dtype, and an out-of-range
+    target fed to the registered op directly (NaN loss, no access out of bounds)."""
+    from dalle_fast import ops
+    from dalle_fast.ops import loss as loss_ops
+
+    failures = []
+    cases = [(37, 24, 53, 7), (130, 64, 5000, 64), (1, 8, 3, 4), (9, 1, 2049, 4), (0, 16, 10, 8), (300, 33, 777, 1024)]
+    for backend in [b for b in ops.available_backends("linear_cross_entropy", device) if b in ("cuda", "triton")]:
+        for i, (n, d, v, chunk) in enumerate(cases):
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                tag = f"{backend} N={n} d={d} V={v} chunk={chunk} {dtype}"
+                try:
+                    strided = i % 2 == 1
+                    x = torch.randn(d, n, device=device).t() if strided else torch.randn(n, d, device=device)
+                    w = torch.randn(v, d + 2, device=device)[:, 1 : d + 1]
+                    w = w if strided else w.contiguous()
+                    x, w = x.to(dtype).requires_grad_(True), (w / max(d, 1) ** 0.5).to(dtype).requires_grad_(True)
+                    b = torch.randn(v, device=device).to(dtype).requires_grad_(True) if i % 3 else None
+                    t = torch.randint(0, v, (n,), device=device)
+                    loss_val = ops.linear_cross_entropy(x, w, b, t, chunk_size=chunk, backend=backend)
+                    grads = torch.autograd.grad(loss_val, [p for p in (x, w, b) if p is not None])
+                    torch.cuda.synchronize(device)
+                    for name, y in [("loss", loss_val)] + [(f"grad{j}", g) for j, g in enumerate(grads)]:
+                        if not bool(torch.isfinite(y.float()).all()):
+                            failures.append(f"linear_cross_entropy {tag}: non-finite {name}")
+                    if n:
+                        bad = t.clone()
+                        bad[0] = v + 5
+                        op = loss_ops.registered_ops(backend)["linear_cross_entropy"]
+                        out = op(x.detach(), w.detach(), None, bad, chunk, True, True, False)
+                        torch.cuda.synchronize(device)
+                        if not bool(torch.isnan(out[0])):
+                            failures.append(f"linear_cross_entropy {tag}: out-of-range target did not give NaN")
+                except Exception as e:
+                    failures.append(f"linear_cross_entropy {tag}: {type(e).__name__}: {str(e)[:300]}")
+    return failures
+
+
+FAMILIES["loss"] = loss
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", action="append", help="repeatable; default: all")

@@ -468,6 +468,65 @@ def _decode_jobs(quick: bool) -> list[tuple]:
     return jobs
 
 
+def _load_loss():
+    import importlib.util
+
+    import triton  # noqa: F401
+
+    spec = importlib.util.spec_from_file_location("dalle_fast_kernels_loss", os.path.join(ROOT, "kernels", "loss.py"))
+    kern = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kern)
+    return kern
+
+
+def _loss_jobs(quick: bool) -> list[tuple]:
+    """The loss head (dalle_fast/ops/_triton_loss.py): its row kernel at ROW_BLOCK / ROW_WARPS, and the three
+    GEMMs it runs on _scaled_matmul_fwd_kernel with the strides they have (x @ W^T into the fp32 logits, G @ W
+    into dx, G^T @ x into fp32 dW; no scale, bias or filter) for its sm_90 entries and the default ones."""
+    _, launch = _load_matmul_modules()
+    jobs = []
+    from dalle_fast.ops import _triton_loss as loss_launch
+
+    for has_bias in (True, False):
+        for write in (True, False):
+            sig = {"acc_ptr": "*fp32", "bias_ptr": "*fp32", "target_ptr": "*i64", "loss_ptr": "*fp32",
+                   "stride_am": "i32", "V": "i32"}  # fmt: skip
+            consts = {"HAS_BIAS": has_bias, "WRITE_GRAD": write, "BLOCK_V": loss_launch.ROW_BLOCK}
+            sig.update(dict.fromkeys(consts, "constexpr"))
+            label = f"bias={int(has_bias)} grad={int(write)} {loss_launch.ROW_BLOCK} w{loss_launch.ROW_WARPS}"
+            jobs.append(("_cross_entropy_rows_kernel", sig, consts, loss_launch.ROW_WARPS, label))
+    import torch
+
+    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtypes = ["fp16"] if quick else list(_DTYPES)
+    for x_dt in dtypes:
+        cls = "fp32" if x_dt == "fp32" else "low"
+        cfgs = {loss_launch.config_for((9, 0), torch_dtypes[x_dt]), launch.DEFAULT_CONFIG[cls]}
+        # (what, a dtype, b dtype, out dtype, the unit strides of a, b and out)
+        gemms = [
+            ("logits", x_dt, x_dt, "fp32", ("stride_ak", "stride_bk", "stride_on")),
+            ("dx", "fp32", x_dt, x_dt, ("stride_ak", "stride_bn", "stride_on")),
+            ("dW", "fp32", x_dt, "fp32", ("stride_am", "stride_bn", "stride_on")),
+        ]
+        for cfg in sorted(cfgs):
+            for what, a_dt, b_dt, o_dt, units in gemms:
+                strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_om", "stride_on")
+                sig = {"a_ptr": _DTYPES[a_dt], "b_ptr": _DTYPES[b_dt], "bias_ptr": "*fp32", "scale_ptr": "*fp32",
+                       "out_ptr": _DTYPES[o_dt], "flag_ptr": "*i32"}  # fmt: skip
+                sig.update({k: "i32" for k in strides})
+                sig.update({"M": "i32", "N": "i32", "K": "i32", "alpha": "fp32"})
+                consts = {k: 1 for k in units}
+                consts.update({"HAS_BIAS": False, "HAS_SCALE": False, "FILTER": False, "PRESCALE_A": a_dt != b_dt,
+                               "IEEE": b_dt == "fp32", "DOT_F32": False, "INT64": False, "BLOCK_M": cfg.block_m,
+                               "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m})  # fmt: skip
+                sig.update(dict.fromkeys(consts, "constexpr"))
+                label = (f"loss {what} {a_dt}x{b_dt}->{o_dt} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
+                         f"w{cfg.num_warps} s{cfg.num_stages}")  # fmt: skip
+                options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                jobs.append(("_scaled_matmul_fwd_kernel", sig, consts, options, label))
+    return jobs
+
+
 def _cuobjdump() -> str:
     import triton
 
@@ -492,6 +551,7 @@ def _compile_one(job):
         getattr(kern, kernel, None)
         or getattr(_load_attention(), kernel, None)
         or getattr(_load_matmul_modules()[0], kernel, None)
+        or getattr(_load_loss(), kernel, None)
         or getattr(_load_decode()[0], kernel, None)
         or getattr(_load_dvae()[0], kernel, None)
         or getattr(_load_sample(), kernel)
@@ -595,6 +655,7 @@ def main() -> int:
     every = _jobs(args.quick) + _attention_jobs(args.quick) + _dvae_jobs(args.quick) + _matmul_jobs(args.quick)
     every += _decode_jobs(args.quick)
     every += _sample_jobs(args.quick)
+    every += _loss_jobs(args.quick)
     jobs = [j for j in every if args.filter in j[0]]
     print(f"triton {triton.__version__}: compiling {len(jobs)} kernel configurations for sm_90 ({args.jobs} jobs)")
     print(f"cuobjdump: {_cuobjdump()}")

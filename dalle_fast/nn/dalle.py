@@ -251,7 +251,7 @@ class DALLE(nn.Module):
         scaler         a dalle_fast.amp.PerResblockGradScaler with 2 * n_layers blocks on the model's device
                        (its scales are read by the kernels there), or None.
         backend        the backend of every op the model calls (None: automatic); settable later (`.backend`).
-                       The loss head always runs its chunked eager composition (ops.linear_cross_entropy).
+                       The loss head (ops.linear_cross_entropy, chunked) runs on it too.
         checkpoint     recompute each resblock in backward (activation checkpointing); settable later.
         device         where to create the parameters ("meta" allocates nothing).
 
@@ -414,9 +414,9 @@ class DALLE(nn.Module):
         w, b = self.head.weight, self.head.bias
         text_target, n_text = text[:, 1:].reshape(-1), text.shape[0] * (c.text_len - 1)
         text_sum = ops.linear_cross_entropy(h[:, : c.text_len - 1].reshape(-1, d), w[:nt], b[:nt], text_target,
-                                            chunk_size=c.loss_chunk, backend="eager")  # fmt: skip
+                                            chunk_size=c.loss_chunk, backend=self._backend)  # fmt: skip
         image_sum = ops.linear_cross_entropy(h[:, c.text_len - 1 :].reshape(-1, d), w[nt:], b[nt:], image.reshape(-1),
-                                             chunk_size=c.loss_chunk, backend="eager")  # fmt: skip
+                                             chunk_size=c.loss_chunk, backend=self._backend)  # fmt: skip
         text_loss = text_sum / max(n_text, 1)
         image_loss = image_sum / max(image.numel(), 1)
         return DALLELoss(c.text_loss_weight * text_loss + c.image_loss_weight * image_loss, text_loss, image_loss)

@@ -8,6 +8,7 @@ from .._dispatch import BACKENDS, BackendUnavailable, use_backend
 from . import decode as _decode
 from . import dvae as _dvae
 from . import gumbel as _gumbel
+from . import loss as _loss
 from . import matmul as _matmul
 from . import sampling as _sampling
 from .attention import sparse_attention
@@ -26,16 +27,15 @@ _FAMILY = {
     # every decode kernel backend serves the same head sizes and dtypes: the device decides
     "sparse_decode_attention": _decode,
     "sample": _sampling,  # temperature, top-k, top-p and Gumbel-max in one kernel
+    "linear_cross_entropy": _loss,
 }
 
 
 def available_backends(op_name: str, device) -> list[str]:
     """The backends that can serve the public op `op_name` on `device`, in BACKENDS order. sparse_attention
     also depends on the head size and dtype: ask dalle_fast.ops.attention.available_backends(q)."""
-    if op_name == "linear_cross_entropy":
-        return ["eager"]  # its kernels are future work (ops/loss.py)
     if op_name not in _FAMILY:
-        names = sorted([*_FAMILY, "linear_cross_entropy"])
+        names = sorted(_FAMILY)
         raise ValueError(f"op_name: expected one of {names}, got {op_name!r}")
     return _FAMILY[op_name].available_backends(op_name, device)
 
