@@ -24,6 +24,7 @@ Figures: median seconds per call, tokens/s (batch x (L - 1) positions read per s
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -274,9 +275,7 @@ def new_suite(s: dict) -> harness.Suite:
 
 
 def main(argv=None) -> int:
-    s = harness.apply_args(settings_from_env(), harness.family_parser(__doc__.splitlines()[0]).parse_args(argv))
-    todo = cases(s["device"], smoke=s["smoke"], quick=s["quick"])
-    return harness.run_family(lambda: new_suite(s), todo, run_case, case_id, goals)
+    return harness.family_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

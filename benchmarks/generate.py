@@ -18,6 +18,8 @@ Goals (issue 7): CPU tiny: >= 3x no cache and >= 1.5x dense cache; H200 mid, bat
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from . import harness
@@ -140,9 +142,7 @@ def new_suite(s: dict) -> harness.Suite:
 
 
 def main(argv=None) -> int:
-    s = harness.apply_args(settings_from_env(), harness.family_parser(__doc__.splitlines()[0]).parse_args(argv))
-    todo = cases(s["device"], smoke=s["smoke"], quick=s["quick"])
-    return harness.run_family(lambda: new_suite(s), todo, run_case, case_id, goals)
+    return harness.family_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -711,6 +711,14 @@ def run_family(new_suite, cases, run_case, case_id, goals) -> int:
     return 1 if any(r["status"] == "error" for r in suite.records) else 0
 
 
+def family_main(family, argv=None) -> int:
+    """A family module's command line (`python -m benchmarks.<name>`): the settings from the environment and
+    the arguments, every case of the family for the device, run_family's exit status."""
+    s = apply_args(family.settings_from_env(), family_parser(family.__doc__.splitlines()[0]).parse_args(argv))
+    todo = family.cases(s["device"], smoke=s["smoke"], quick=s["quick"])
+    return run_family(lambda: family.new_suite(s), todo, family.run_case, family.case_id, family.goals)
+
+
 def pytest_family(family, settings: dict, cases: list[dict]):
     """The module fixture `suite` and the test of a family's pytest wrapper (benchmarks/test_bench_<name>.py):
     one test per case (every backend of the device and the peers measured side by side); the fixture writes the

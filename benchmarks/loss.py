@@ -20,6 +20,8 @@ Minimum bytes: read x, W, b, write dx, dW, db (the gradients have the inputs' si
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from . import harness
@@ -165,10 +167,7 @@ def new_suite(s: dict) -> harness.Suite:
 
 
 def main(argv=None) -> int:
-    a = harness.family_parser(__doc__.splitlines()[0]).parse_args(argv)
-    s = harness.apply_args(settings_from_env(), a)
-    todo = cases(s["device"], smoke=s["smoke"], quick=s["quick"])
-    return harness.run_family(lambda: new_suite(s), todo, run_case, case_id, goals)
+    return harness.family_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -130,3 +130,13 @@ def select(
             return b
         tried.append(f"{b}: {'; '.join(why)}")
     raise BackendUnavailable(f"{op_name}: no backend can serve this call on {device}: " + " | ".join(tried))
+
+
+def registered_ops(names: Sequence[str], backend: str) -> dict[str, object]:
+    """The registered op behind each of `names` for a kernel backend (for opcheck and tests): the C++ schema
+    dalle_fast::<name> for cpp and cuda, the custom op dalle_fast::triton_<name> for triton."""
+    if backend in ("cpp", "cuda"):
+        return {n: getattr(torch.ops.dalle_fast, n) for n in names}
+    if backend == "triton":
+        return {n: getattr(torch.ops.dalle_fast, f"triton_{n}") for n in names}
+    raise ValueError(f"backend: expected 'cpp', 'cuda' or 'triton', got {backend!r}")

@@ -139,11 +139,7 @@ _register_fakes_and_autograd("triton_")
 
 def registered_ops(backend: str) -> dict[str, object]:
     """The registered op behind each name for a kernel backend (for opcheck and tests)."""
-    if backend in ("cpp", "cuda"):
-        return {n: getattr(torch.ops.dalle_fast, n) for n in OPS}
-    if backend == "triton":
-        return {n: getattr(torch.ops.dalle_fast, f"triton_{n}") for n in OPS}
-    raise ValueError(f"backend: expected 'cpp', 'cuda' or 'triton', got {backend!r}")
+    return _dispatch.registered_ops(OPS, backend)
 
 
 def _op(backend: str, name: str):

@@ -47,11 +47,7 @@ torch.library.register_fake("dalle_fast::triton_sample")(_sample_fake)
 
 def registered_ops(backend: str) -> dict[str, object]:
     """The registered op behind each name for a kernel backend (for opcheck and tests)."""
-    if backend in ("cpp", "cuda"):
-        return {"sample": torch.ops.dalle_fast.sample}
-    if backend == "triton":
-        return {"sample": torch.ops.dalle_fast.triton_sample}
-    raise ValueError(f"backend: expected 'cpp', 'cuda' or 'triton', got {backend!r}")
+    return _dispatch.registered_ops(OPS, backend)
 
 
 def available_backends(op_name: str, device) -> list[str]:
