@@ -15,6 +15,7 @@ The filter is not differentiated (a filtered element passes its gradient as if i
 and the scale tensor gets no gradient.
 """
 
+import contextlib
 import numbers
 
 import torch
@@ -299,19 +300,28 @@ def scale_filter(x, scale=1.0, *, invert=False, filter_nonfinite=False, nonfinit
 # The linear layer ----------------------------------------------------------------------------------------
 
 
+def _linear_forward(x, w, bias, out_dtype, backend):
+    """x @ w^T + bias on the backend's scaled_matmul (w already in x's dtype), cast to out_dtype."""
+    b = bias if bias is None or bias.dtype in (x.dtype, torch.float32) else bias.to(x.dtype)
+    if backend == "eager":
+        y, _ = reference.scaled_matmul(x, w.t(), b, 1.0, None, False)
+    else:
+        # differentiated by the caller: skip the op's own autograd layer (eagerly; dynamo traces the plain call)
+        guard = contextlib.nullcontext() if torch.compiler.is_compiling() else torch._C._AutoDispatchBelowAutograd()
+        with guard:
+            y, _ = _op(backend, "scaled_matmul")(x, w.t(), b, 1.0, None, False)
+    if out_dtype is not None and out_dtype != y.dtype:
+        y = y.to(out_dtype)
+    return y
+
+
 class _ScaledLinearFn(torch.autograd.Function):
     """y = x @ W^T + b on scaled_matmul; the backward's three products carry grad_scale (see scaled_linear)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, grad_scale, out_dtype, backend):
         w = weight.to(x.dtype)
-        b = bias if bias is None or bias.dtype in (x.dtype, torch.float32) else bias.to(x.dtype)
-        if backend == "eager":
-            y, _ = reference.scaled_matmul(x, w.t(), b, 1.0, None, False)
-        else:
-            y, _ = _op(backend, "scaled_matmul")(x, w.t(), b, 1.0, None, False)
-        if out_dtype is not None and out_dtype != y.dtype:
-            y = y.to(out_dtype)
+        y = _linear_forward(x, w, bias, out_dtype, backend)
         ctx.save_for_backward(x, w, grad_scale)
         ctx.backend = backend
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -382,5 +392,8 @@ def scaled_linear(x, weight, bias=None, *, grad_scale=None, out_dtype=None, back
     squeeze = x.dim() == 1
     x2 = x.unsqueeze(0) if squeeze else x
     name = _dispatch.select("scaled_linear", x.device, backend, _reasons_for("scaled_matmul", x.device, (x.dtype,)))
-    y = _ScaledLinearFn.apply(x2, weight, bias, gs, out_dtype, name)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        y = _ScaledLinearFn.apply(x2, weight, bias, gs, out_dtype, name)
+    else:  # inference (e.g. each decoding step): the same forward without an autograd node
+        y = _linear_forward(x2, weight.to(x.dtype), bias, out_dtype, name)
     return y.squeeze(0) if squeeze else y
