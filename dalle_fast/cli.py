@@ -15,6 +15,7 @@ COMMANDS = {
     "train-dvae": "dalle_fast.train_dvae",
     "train-dalle": "dalle_fast.train_dalle",
     "generate": "dalle_fast.generate",
+    "demo": "dalle_fast.demo",
     "mask-picture": "dalle_fast.mask_picture",
 }
 
