@@ -14,7 +14,20 @@ fi
 # pins torchvision, Pillow, blobfile and mypy, none of which those tests use.
 .venv/bin/python -m pip install -q --no-deps dall-e && .venv/bin/python -m pip install -q attrs requests
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-.venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+# The build (minutes with the CUDA sources) is skipped when the built extension is newer than every source and
+# was built with the same settings: test.sh and bench.sh call this script again after CI's first install.
+# DALLE_FAST_REBUILD=1 forces it.
+stamp=.venv/.dalle_fast_build
+want="DALLE_FAST_CUDA=${DALLE_FAST_CUDA:-auto} TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+so=$(ls dalle_fast/_C*.so 2>/dev/null | head -n 1 || true)
+if [ "${DALLE_FAST_REBUILD:-0}" != 1 ] && [ -n "$so" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+    && [ -z "$(find csrc setup.py -newer "$so" -print -quit)" ]; then
+    echo "dalle_fast._C is up to date ($want): not rebuilt (DALLE_FAST_REBUILD=1 forces a build)"
+else
+    rm -f "$stamp"
+    .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+    echo "$want" > "$stamp"
+fi
 .venv/bin/python - <<'PY'
 import dalle_fast, torch, triton
 if dalle_fast.extension_error:
