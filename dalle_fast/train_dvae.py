@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--hard", action="store_true", help="straight-through Gumbel (one-hot codes forward; not the paper's)")
     a("--codebook-std", type=float, default=1.0,
       help="initial std of the decoder's codebook vectors (0: the official init, std 1/sqrt(vocab_size))")  # fmt: skip
+    a("--pixel-noise", type=float, default=0.0,
+      help="training pixels get + U(0, this) noise, clipped to [0, 1] (dequantization; 0: off, the paper's)")
     a("--ema-decay", type=float, default=0.999)
     a("--amp", choices=("auto", "on", "off"), default="auto", help="fp16 with loss scaling (auto: on CUDA)")
     a("--seed", type=int, default=0)
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grid-every", type=int, default=500, help="reconstruction grid every N steps (and at the end); 0: end only")
     a("--grid-images", type=int, default=8, help="images in a reconstruction grid")
     a("--eval-images", type=int, default=256, help="images (the first of the data set) for the final usage figures")
+    a("--check-images", type=int, default=200,
+      help="synthetic data: held-out test scenes whose argmax reconstructions data.check reads back at the end")
     a("--log-every", type=int, default=25, help="progress line every N steps when not on a terminal")
     a("--resume", default=None, help="checkpoint path, or 'auto' for OUT/dvae.pt when it exists")
     a("--stop-after", type=int, default=None, help="stop after N steps of this run (as an interruption would)")
@@ -161,7 +165,7 @@ def check_args(args) -> dict:
                  "beta_steps", "stop_after", "threads", "group_count", "n_hid", "n_blk_per_group", "vocab_size",
                  "n_init"):  # fmt: skip
         _positive(args, name)
-    for name in ("ckpt_every", "grid_every", "eval_images"):
+    for name in ("ckpt_every", "grid_every", "eval_images", "check_images"):
         _positive(args, name, allow_zero=True)
     for name in ("lr", "tau_start", "tau_end"):
         v = getattr(args, name)
@@ -173,6 +177,8 @@ def check_args(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')}: expected a finite number >= 0, got {v}")
     if args.amp == "on" and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
         raise ValueError("--amp on: fp16 loss scaling needs a CUDA device, and this run is on the CPU")
+    if not (math.isfinite(args.pixel_noise) and 0 <= args.pixel_noise <= 1):
+        raise ValueError(f"--pixel-noise: expected a number in [0, 1], got {args.pixel_noise}")
     if not 0 <= args.ema_decay < 1:
         raise ValueError(f"--ema-decay: expected a number in [0, 1), got {args.ema_decay}")
     config = dict(PRESETS[args.preset])
@@ -237,6 +243,44 @@ def evaluate(model, images: torch.Tensor, batch_size: int = 64) -> dict:
     p = counts[counts > 0] / codes.numel()
     return {"images": images.shape[0], "ppl": float(torch.exp(-(p * p.log()).sum())), "codes": int((counts > 0).sum()),
             "mse": se / images.numel()}  # fmt: skip
+
+
+@torch.no_grad()
+def check_accuracy(model, images: torch.Tensor, scenes, batch_size: int = 64) -> dict:
+    """How often data.check reads the scene back from the argmax reconstructions of `images` (and, as the
+    ceiling, from the images themselves): {"recon": {attribute: fraction}, "true": {...}} over count, shape,
+    colour, position and all."""
+    from . import data
+
+    keys = ("count", "shape", "colour", "position", "all")
+    tally = {"recon": dict.fromkeys(keys, 0), "true": dict.fromkeys(keys, 0)}
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size]
+        recon = model.decode(model.get_codebook_indices(x)).float().cpu()
+        for j in range(x.shape[0]):
+            for kind, img in (("recon", recon[j]), ("true", x[j].float().cpu())):
+                for k, ok in data.check(img, scenes[i + j]).items():
+                    tally[kind][k] += bool(ok)
+    n = max(1, images.shape[0])
+    return {kind: {k: v / n for k, v in t.items()} for kind, t in tally.items()}
+
+
+def check_set(args, n: int):
+    """The first n held-out scenes (SyntheticShapes "test" split: colour/shape combinations the training split
+    lacks) at the training image size: (images [n, 3, S, S], scenes)."""
+    from . import data
+
+    ds = data.SyntheticShapes("test", n, args.image_size, seed=args.seed)
+    return torch.stack([ds[i][0] for i in range(n)]), [ds.scene(i) for i in range(n)]
+
+
+def add_pixel_noise(x: torch.Tensor, amount: float, seed: int) -> torch.Tensor:
+    """x + U(0, amount) per subpixel, clipped to [0, 1]; the noise is a pure function of `seed` (exact resume)."""
+    if amount <= 0:
+        return x
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.rand(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
+    return (x + amount * noise).clamp_(0, 1)
 
 
 # Data ----------------------------------------------------------------------------------------------------
@@ -374,6 +418,7 @@ def train(args, *, stream=None) -> dict:
                     g["lr"] = s["lr"]
                 x = fetch(dataset, sampler.indices(step), int(sampler.epoch(step))).to(device, non_blocking=True)
                 seed = training.step_seed(args.seed, step, dist.rank)
+                x = add_pixel_noise(x, args.pixel_noise, seed ^ 0x5A5A5A5A)
                 out = net(x, tau=s["tau"], beta=s["beta"], seed=seed, hard=args.hard)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out.loss).backward()
@@ -401,6 +446,10 @@ def train(args, *, stream=None) -> dict:
                 if args.eval_images:
                     n = min(args.eval_images, len(dataset))
                     final = evaluate(model, fetch(dataset, list(range(n)), 0).to(device))
+                if args.check_images and args.data == "synthetic":
+                    images, scenes = check_set(args, args.check_images)
+                    final = dict(final or {}, check=check_accuracy(model, images.to(device), scenes))
+                    final["check_ema"] = check_accuracy(ema.averaged(model), images.to(device), scenes)["recon"]
         dist.barrier()
         return {"step": end, "history": history, "out": args.out, "model": model, "eval": final}
     finally:
@@ -423,7 +472,17 @@ def main(argv=None) -> int:
         if h:
             print(f"train_dvae: last batch: recon nll {h['nll']:.4f}, kl {h['kl']:.3f}, code perplexity "
                   f"{h['ppl']:.1f}, {h['codes']} distinct codes")  # fmt: skip
-        if e:
+        if e and "check" in e:
+            for kind, what in (("recon", "argmax reconstructions"), ("true", "true images (ceiling)")):
+                c = e["check"][kind]
+                print(f"train_dvae: data.check on {args.check_images} held-out scenes, {what}: all {c['all']:.3f} "
+                      f"(count {c['count']:.3f}, shape {c['shape']:.3f}, colour {c['colour']:.3f}, "
+                      f"position {c['position']:.3f})")  # fmt: skip
+            c = e["check_ema"]
+            print(f"train_dvae: the same with the EMA weights (what load_dvae returns): all {c['all']:.3f} "
+                  f"(count {c['count']:.3f}, shape {c['shape']:.3f}, colour {c['colour']:.3f}, "
+                  f"position {c['position']:.3f})")  # fmt: skip
+        if e and "images" in e:
             print(f"train_dvae: argmax codes of the first {e['images']} images: perplexity {e['ppl']:.1f}, "
                   f"{e['codes']} distinct codes of {result['model'].vocab_size}; reconstruction mse "
                   f"{e['mse']:.4f}")  # fmt: skip
