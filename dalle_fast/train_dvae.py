@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--codebook-std", type=float, default=1.0,
       help="initial std of the decoder's codebook vectors (0: the official init, std 1/sqrt(vocab_size))")  # fmt: skip
     a("--pixel-noise", type=float, default=0.0,
-      help="training pixels get + U(0, this) noise, clipped to [0, 1] (dequantization; 0: off, the paper's)")
+      help="training pixels get + U(0, this) noise, clipped to [0, 1] (dequantization; 0: off, the paper's)")  # fmt: skip
     a("--ema-decay", type=float, default=0.999)
     a("--amp", choices=("auto", "on", "off"), default="auto", help="fp16 with loss scaling (auto: on CUDA)")
     a("--seed", type=int, default=0)
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grid-images", type=int, default=8, help="images in a reconstruction grid")
     a("--eval-images", type=int, default=256, help="images (the first of the data set) for the final usage figures")
     a("--check-images", type=int, default=200,
-      help="synthetic data: held-out test scenes whose argmax reconstructions data.check reads back at the end")
+      help="synthetic data: held-out test scenes whose argmax reconstructions data.check reads back at the end")  # fmt: skip
     a("--log-every", type=int, default=25, help="progress line every N steps when not on a terminal")
     a("--resume", default=None, help="checkpoint path, or 'auto' for OUT/dvae.pt when it exists")
     a("--stop-after", type=int, default=None, help="stop after N steps of this run (as an interruption would)")
