@@ -161,6 +161,19 @@ def test_add_pixel_noise():
     assert T.add_pixel_noise(x, 0.0, seed=7) is x
 
 
+def test_recon_mse_objective(tmp_path):
+    args = args_for(tmp_path, "--steps", "3", "--batch-size", "4", "--grid-every", "0", "--recon", "mse")
+    res = T.train(args, stream=open(os.devnull, "w"))
+    assert res["step"] == 3 and all(0 < r["loss"] < 1 for r in res["history"])  # squared error, beta 0 early on
+    model, x = res["model"], torch.rand(2, 3, 32, 32)
+    out = model(x, tau=1.0, beta=2.0, seed=1)
+    assert T.objective(out, x, "logit-laplace", 2.0) is out.loss
+    from dalle_fast.nn.dvae import map_pixels
+
+    want = ((out.stats[:, :3].sigmoid() - map_pixels(x)) ** 2).mean() + 2.0 * (16 / (3 * 32 * 32)) * out.kl
+    assert torch.allclose(T.objective(out, x, "mse", 2.0), want)
+
+
 class _Identity(torch.nn.Module):
     """A stand-in dVAE whose argmax reconstruction is the image itself (codes are the images)."""
 
