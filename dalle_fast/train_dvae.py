@@ -43,10 +43,10 @@ pixels (--pixel-noise; the paper adds none, --pixel-noise 0). Pass --group-count
 (the same 1500-step run with it used 6 codes against the default's 42 and reconstructed dim smudges). Usage
 stays far below the vocabulary in a run this short.
 
-Reconstruction quality (measured; docs/readme/dvaetrain.md has every run): the final evaluation also reads the
-argmax reconstructions of --check-images held-out scenes (SyntheticShapes "test": colour/shape pairs the training
-split lacks) back with data.check and prints the fraction right per attribute (count, shape, colour, position, all),
-raw and EMA weights, next to the same on the true renders (the ceiling: all 0.945 at 32x32, shape is the attribute
+Reconstruction quality (measured; docs/readme/dvaeq.md has every run): the final evaluation also reads the argmax
+reconstructions of --check-images held-out scenes (SyntheticShapes "test": colour/shape pairs the training split
+lacks) back with data.check and prints the fraction right per attribute (count, shape, colour, position, all), raw
+and EMA weights, next to the same on the true renders (the ceiling: all 0.945 at 32x32, shape is the attribute
 check() misreads). No run of 1500 steps tried here reaches a usable tokenizer for colour: count and position
 0.94-1.00 (4x4-pixel tokens), shape 0.04-0.17 and colour 0.00-0.10 (chance is 1/6) whatever the KL weight (beta_end
 6.6, 0.5, 0.1, 0), pixel noise, straight-through codes (--hard), a tau that stays at 0.5 or above, 64 codes, step
