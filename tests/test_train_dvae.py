@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--group-count", "4", "--n-hid", "8", "--vocab-size", "16", "--n-init", "8", "--n-blk-per-group", "1",
         "--image-size", "32", "--synthetic-length", "64", "--log-every", "1000", "--grid-images", "4",
-        "--eval-images", "16"]  # fmt: skip
+        "--eval-images", "16", "--check-images", "8"]  # fmt: skip
 
 
 def args_for(tmp_path, *extra, name="run"):
@@ -55,6 +55,11 @@ def test_short_run_learns_and_uses_more_codes(tmp_path):
     h = res["history"]
     assert len(h) == 60 and res["step"] == 60
     assert res["eval"]["images"] == 16 and 1 <= res["eval"]["codes"] <= 16 and 0 < res["eval"]["mse"] < 1
+    check = res["eval"]["check"]
+    assert set(check) == {"recon", "true"} and set(res["eval"]["check_ema"]) == set(check["recon"])
+    assert set(check["recon"]) == {"count", "shape", "colour", "position", "all"}
+    assert all(0 <= v <= 1 for v in [*check["recon"].values(), *res["eval"]["check_ema"].values()])
+    assert check["true"]["count"] == 1.0 and check["true"]["all"] >= 0.5  # data.check reads true renders back
 
     def mean(key, part):
         return sum(r[key] for r in part) / len(part)
@@ -72,7 +77,7 @@ def test_short_run_learns_and_uses_more_codes(tmp_path):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    common = ["--steps", "6", "--batch-size", "4", "--ckpt-every", "0", "--grid-every", "0"]
+    common = ["--steps", "6", "--batch-size", "4", "--ckpt-every", "0", "--grid-every", "0", "--pixel-noise", "0.05"]
     whole = T.train(args_for(tmp_path, *common, name="whole"), stream=open(os.devnull, "w"))
     part = T.train(args_for(tmp_path, *common, "--stop-after", "3", name="cut"), stream=open(os.devnull, "w"))
     assert part["step"] == 3
@@ -145,6 +150,55 @@ def test_load_dvae(tmp_path):
         T.load_dvae(bad)
 
 
+def test_add_pixel_noise():
+    x = torch.rand(2, 3, 8, 8)
+    x[0] = 0.0
+    x[1, 0] = 1.0
+    a, b = T.add_pixel_noise(x, 1 / 64, seed=7), T.add_pixel_noise(x, 1 / 64, seed=7)
+    assert torch.equal(a, b) and not torch.equal(a, T.add_pixel_noise(x, 1 / 64, seed=8))  # a function of the seed
+    assert (a >= x).all() and (a <= (x + 1 / 64).clamp(max=1)).all() and a.max() <= 1
+    assert (a[0] > 0).float().mean() > 0.99 and (a[1, 0] == 1).all()  # black lifted, white clipped
+    assert T.add_pixel_noise(x, 0.0, seed=7) is x
+
+
+def test_recon_mse_objective(tmp_path):
+    args = args_for(tmp_path, "--steps", "3", "--batch-size", "4", "--grid-every", "0", "--recon", "mse")
+    res = T.train(args, stream=open(os.devnull, "w"))
+    assert res["step"] == 3 and all(0 < r["loss"] < 1 for r in res["history"])  # squared error, beta 0 early on
+    model, x = res["model"], torch.rand(2, 3, 32, 32)
+    out = model(x, tau=1.0, beta=2.0, seed=1)
+    assert T.objective(out, x, "logit-laplace", 2.0) is out.loss
+    from dalle_fast.nn.dvae import map_pixels
+
+    want = ((out.stats[:, :3].sigmoid() - map_pixels(x)) ** 2).mean() + 2.0 * (16 / (3 * 32 * 32)) * out.kl
+    assert torch.allclose(T.objective(out, x, "mse", 2.0), want)
+
+
+class _Identity(torch.nn.Module):
+    """A stand-in dVAE whose argmax reconstruction is the image itself (codes are the images)."""
+
+    def get_codebook_indices(self, x):
+        return x
+
+    def decode(self, c):
+        return c
+
+
+def test_check_accuracy():
+    args = T.build_parser().parse_args(["--image-size", "32", "--seed", "3"])
+    images, scenes = T.check_set(args, 12)
+    assert images.shape == (12, 3, 32, 32) and len(scenes) == 12 and all(s.held_out for s in scenes)
+    perfect = T.check_accuracy(_Identity(), images, scenes, batch_size=5)
+    assert perfect["recon"] == perfect["true"] and perfect["true"]["count"] == 1.0
+
+    class Black(_Identity):
+        def decode(self, c):
+            return torch.zeros_like(c)
+
+    black = T.check_accuracy(Black(), images, scenes)
+    assert black["recon"] == dict.fromkeys(("count", "shape", "colour", "position", "all"), 0.0)
+
+
 def test_code_usage():
     logits = torch.full((2, 8, 2, 2), -5.0)
     for i in range(8):  # each of the 8 codes wins at exactly one position
@@ -166,6 +220,9 @@ def test_code_usage():
         (["--data", "/no/such/folder"], "--data: expected 'synthetic' or an existing image folder"),
         (["--resume", "/no/such/file.pt"], "--resume: expected 'auto' or a checkpoint file"),
         (["--lr", "-1"], "--lr: expected a finite number > 0"),
+        (["--pixel-noise", "-0.1"], "--pixel-noise: expected a number in \\[0, 1\\], got -0.1"),
+        (["--pixel-noise", "nan"], "--pixel-noise: expected a number in \\[0, 1\\], got nan"),
+        (["--check-images", "-1"], "--check-images: expected an integer >= 0, got -1"),
         (["--ema-decay", "1.5"], "--ema-decay: expected a number in \\[0, 1\\)"),
         (["--amp", "on", "--device", "cpu"], "--amp on: fp16 loss scaling needs a CUDA device"),
     ],
