@@ -59,7 +59,7 @@ from torch import nn
 from . import data, training
 from .amp import PerResblockGradScaler
 from .nn import DALLE, DALLEConfig
-from .nn.dvae import Decoder, DiscreteVAE, Encoder
+from .nn.dvae import DiscreteVAE
 from .text import TextTokenizer
 
 FORMAT = "dalle_fast.dalle/1"
@@ -72,33 +72,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def read_dvae(path, *, ema: bool = True, device="cpu") -> DiscreteVAE:
-    """The DiscreteVAE of a dVAE training checkpoint, in eval mode, with its EMA weights by default; the image
-    size it was trained at is `model.image_size` when the checkpoint records it. Uses
-    dalle_fast.train_dvae.load_dvae when that module is there; otherwise reads its format: {"format":
-    "dalle_fast.dvae/1", "config": {group_count, n_hid, n_blk_per_group, vocab_size, n_init, channels},
-    "model": DiscreteVAE state_dict, "ema": training.EMA state_dict, "args": {"image_size": ...}, ...}."""
-    try:
-        from .train_dvae import load_dvae  # the dVAE training command's own reader
-    except ImportError:
-        load_dvae = None
-    if load_dvae is not None:
-        return load_dvae(path, ema=ema, map_location=device).to(device).eval()
-    ckpt = _dvae_checkpoint(path)
-    c = ckpt["config"]
-    try:
-        enc = Encoder(c["group_count"], c["n_hid"], c["n_blk_per_group"], c["channels"], c["vocab_size"])
-        dec = Decoder(c["group_count"], c["n_init"], c["n_hid"], c["n_blk_per_group"], c["channels"], c["vocab_size"])
-    except KeyError as e:
-        raise ValueError(f"dvae: the checkpoint's config lacks {e} ({path!r})") from None
-    model = DiscreteVAE(enc, dec)
-    model.load_state_dict(ckpt["model"])
-    if ema:
-        shadow = ckpt["ema"]["shadow"]
-        model.load_state_dict({k: shadow[k].to(v.dtype) if k in shadow else v for k, v in model.state_dict().items()})
-    size = (ckpt.get("args") or {}).get("image_size")
-    if size is not None:
-        model.image_size = int(size)
-    return model.to(device).eval()
+    """The DiscreteVAE of a train_dvae checkpoint on `device`, in eval mode, with its EMA weights by default
+    (dalle_fast.train_dvae.load_dvae); the image size it was trained at is `model.image_size`."""
+    from .train_dvae import load_dvae
+
+    return load_dvae(path, ema=ema, map_location=device).to(device).eval()
 
 
 def _dvae_checkpoint(path) -> dict:
