@@ -86,20 +86,7 @@
 
 #include "dalle_fast/attention.h"
 
-#ifdef DALLE_FAST_DEBUG
-#define DF_DEVICE_CHECK(cond)                                                                                     \
-  do {                                                                                                            \
-    if (!(cond)) {                                                                                                \
-      printf("dalle_fast attention.cu:%d: device check failed: %s (block %d,%d thread %d)\n", __LINE__, #cond, \
-             (int)blockIdx.x, (int)blockIdx.y, (int)threadIdx.x);                                                 \
-      __trap();                                                                                                   \
-    }                                                                                                             \
-  } while (0)
-#else
-#define DF_DEVICE_CHECK(cond) \
-  do {                        \
-  } while (0)
-#endif
+#include "dalle_fast/device_check.h"
 
 // bf16 tensor-core fragments need sm_80; the host refuses older devices, the kernels trap there.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800

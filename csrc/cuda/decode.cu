@@ -39,20 +39,7 @@
 #include "dalle_fast/attention.h"
 #include "dalle_fast/decode_launch.h"
 
-#ifdef DALLE_FAST_DEBUG
-#define DF_DEVICE_CHECK(cond)                                                                                  \
-  do {                                                                                                         \
-    if (!(cond)) {                                                                                             \
-      printf("dalle_fast decode.cu:%d: device check failed: %s (block %d,%d thread %d)\n", __LINE__, #cond, \
-             (int)blockIdx.x, (int)blockIdx.y, (int)threadIdx.x);                                              \
-      __trap();                                                                                                \
-    }                                                                                                          \
-  } while (0)
-#else
-#define DF_DEVICE_CHECK(cond) \
-  do {                        \
-  } while (0)
-#endif
+#include "dalle_fast/device_check.h"
 
 namespace dalle_fast {
 namespace {

@@ -74,20 +74,7 @@
 #include "dalle_fast/launch.h"
 #include "dalle_fast/math.h"
 
-#ifdef DALLE_FAST_DEBUG
-#define DF_DEVICE_CHECK(cond)                                                                                  \
-  do {                                                                                                         \
-    if (!(cond)) {                                                                                             \
-      printf("dalle_fast gumbel.cu:%d: device check failed: %s (block %d,%d thread %d,%d)\n", __LINE__, #cond, \
-             (int)blockIdx.x, (int)blockIdx.y, (int)threadIdx.x, (int)threadIdx.y);                           \
-      __trap();                                                                                                \
-    }                                                                                                          \
-  } while (0)
-#else
-#define DF_DEVICE_CHECK(cond) \
-  do {                        \
-  } while (0)
-#endif
+#include "dalle_fast/device_check.h"
 
 namespace dalle_fast {
 namespace {

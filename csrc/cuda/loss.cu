@@ -30,20 +30,7 @@
 #include "dalle_fast/loss_chunks.h"
 #include "dalle_fast/math.h"
 
-#ifdef DALLE_FAST_DEBUG
-#define DF_LOSS_DEVICE_CHECK(cond)                                                                      \
-  do {                                                                                                  \
-    if (!(cond)) {                                                                                      \
-      printf("dalle_fast loss.cu:%d: device check failed: %s (block %d thread %d)\n", __LINE__, #cond, \
-             (int)blockIdx.x, (int)threadIdx.x);                                                        \
-      __trap();                                                                                         \
-    }                                                                                                   \
-  } while (0)
-#else
-#define DF_LOSS_DEVICE_CHECK(cond) \
-  do {                             \
-  } while (0)
-#endif
+#include "dalle_fast/device_check.h"
 
 namespace dalle_fast {
 namespace {
@@ -63,7 +50,7 @@ template <typename G>
 __global__ void __launch_bounds__(kRowThreads)
     ce_rows_kernel(const float* acc, const float* __restrict__ bias, const int64_t* __restrict__ target,
                    float* __restrict__ loss, G* g, int64_t V, bool write_grad) {  // g may be acc itself
-  DF_LOSS_DEVICE_CHECK(blockDim.x == kRowThreads);
+  DF_DEVICE_CHECK(blockDim.x == kRowThreads);
   __shared__ float sm_m[kWarps], sm_s[kWarps];
   __shared__ float sh_lse;
   const int64_t row = blockIdx.x;

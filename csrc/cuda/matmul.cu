@@ -41,20 +41,7 @@
 
 #include "dalle_fast/epilogue.h"
 
-#ifdef DALLE_FAST_DEBUG
-#define DF_MM_DEVICE_CHECK(cond)                                                                          \
-  do {                                                                                                    \
-    if (!(cond)) {                                                                                        \
-      printf("dalle_fast matmul.cu:%d: device check failed: %s (block %d thread %d)\n", __LINE__, #cond, \
-             (int)blockIdx.x, (int)threadIdx.x);                                                          \
-      __trap();                                                                                           \
-    }                                                                                                     \
-  } while (0)
-#else
-#define DF_MM_DEVICE_CHECK(cond) \
-  do {                           \
-  } while (0)
-#endif
+#include "dalle_fast/device_check.h"
 
 namespace dalle_fast {
 namespace {
@@ -83,7 +70,7 @@ __global__ void __launch_bounds__(kThreads)
     epilogue_kernel(const float* __restrict__ acc, const B* __restrict__ bias, const float* __restrict__ scale,
                     float alpha, bool prescaled, int64_t numel, int64_t N, T* __restrict__ out,
                     int* __restrict__ flag) {
-  DF_MM_DEVICE_CHECK(blockDim.x == kThreads);
+  DF_DEVICE_CHECK(blockDim.x == kThreads);
   const float s = prescaled ? 1.0f : read_scale(alpha, scale);
   bool bad = false;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -102,7 +89,7 @@ template <typename X, typename T, bool kInvert, bool kFilter>
 __global__ void __launch_bounds__(kThreads)
     scale_filter_kernel(const X* __restrict__ x, const float* __restrict__ scale, float alpha, int64_t numel,
                         T* __restrict__ out, int* __restrict__ flag) {
-  DF_MM_DEVICE_CHECK(blockDim.x == kThreads);
+  DF_DEVICE_CHECK(blockDim.x == kThreads);
   const float s = read_scale(alpha, scale);
   bool bad = false;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;

@@ -223,10 +223,10 @@ def generate(model, text_tokens, *, num_samples=1, temperature=1.0, top_k=None, 
     if backend is not None:
         model.backend = backend
     try:
-        dec = _Decoder(model, batch, cache, text.device)
-        if cache == "none":
-            logits = model.logits(text, prefix)[1][:, -1]
+        if cache == "none":  # no cache at all: every step recomputes the prefix
+            dec, logits = None, model.logits(text, prefix)[1][:, -1]
         else:
+            dec = _Decoder(model, batch, cache, text.device)
             logits = dec.prefill(text, prefix)
         use_graph = (cuda_graph if cuda_graph is not None else text.device.type == "cuda") and cache == "sparse"
         graphed = None
