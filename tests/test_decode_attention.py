@@ -269,6 +269,42 @@ def test_torch_compile(device, backend):
     torch.testing.assert_close(compiled(q, k, v, pos), step(q, k, v, pos))
 
 
+@device_backends
+@pytest.mark.parametrize("mask", [MASKS[1], MASKS[3]], ids=[MASK_IDS[1], MASK_IDS[3]])
+def test_bound_equals_op(device, backend, mask):
+    """bind_decode_attention (decoding's per-step call) gives exactly the op's output at every position, with
+    an int or a tensor position, on fresh queries and caches of the bound shapes."""
+    kind, variant, kernel, text_len, grid = mask
+    lmax = text_len + grid[0] * grid[1]
+    kw = dict(kind=kind, text_len=text_len, grid_size=grid, kernel=kernel, conv_variant=variant)
+    q = torch.randn(2, 3, 1, 32, device=device)
+    (k, v), _ = _caches(2, 3, lmax, 32, torch.float32, device, lmax)
+    f = ops.bind_decode_attention(q, k, v, **kw, backend=backend)
+    interpreter = backend == "triton" and device == "cpu"
+    for i, p in enumerate(_positions(text_len, grid, 1, interpreter)):
+        q = torch.randn(2, 3, 1, 32, device=device)
+        (k, v), _ = _caches(2, 3, lmax, 32, torch.float32, device, p + 1)
+        pos = torch.tensor(p, device=device) if i % 2 else p
+        want = ops.sparse_decode_attention(q, k, v, position=pos, **kw, backend=backend)
+        torch.testing.assert_close(f(q, k, v, pos), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"position: expected 0 <= position and position \+ n <= Lmax"):
+        f(q, k, v, lmax)
+
+
+def test_bind_bad_arguments():
+    q, k, v, kw = _good()
+    kw.pop("position")
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        ops.bind_decode_attention(q, k, v, **(kw | dict(kind="diagonal")))
+    with pytest.raises(TypeError, match="v_cache: expected q's dtype torch.float32, got torch.float16"):
+        ops.bind_decode_attention(q, k, v.half(), **kw)
+    with pytest.raises(ValueError, match="scale: expected a finite float"):
+        ops.bind_decode_attention(q, k, v, **kw, scale=float("nan"))
+    with pytest.raises(ops.BackendUnavailable, match=r"head sizes \(32, 64, 128\), got 48"):
+        q48, k48 = torch.randn(1, 2, 1, 48), torch.randn(1, 2, 41, 48)
+        ops.bind_decode_attention(q48, k48, k48, **kw, backend="cpp")
+
+
 # Bad input --------------------------------------------------------------------------------------------------
 
 

@@ -256,6 +256,39 @@ def test_scaled_linear_grad_scale_and_fp32_exit(device, backend):
     assert (dx != 0).float().mean() > 0.9
 
 
+@device_backends
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bind_linear_equals_scaled_linear(device, backend, dtype, with_bias):
+    """The bound inference forward (decoding's) computes exactly what scaled_linear does, on fresh inputs of
+    other values and batch sizes, from fp32 master weights, with a strided input."""
+    w = _rand((19, 24), torch.float32, device)
+    bias = _rand((19,), torch.float32, device) if with_bias else None
+    f = ops.bind_linear(_rand((1, 1, 24), dtype, device), w, bias, backend=backend)
+    for shape in ((1, 1, 24), (3, 1, 24), (5, 24)):
+        x = _rand(shape, dtype, device)
+        y = f(x)
+        assert y.dtype == dtype and y.shape == (*shape[:-1], 19)
+        with torch.no_grad():
+            torch.testing.assert_close(y, ops.scaled_linear(x, w, bias, backend=backend), rtol=0, atol=0)
+        yr = torch.nn.functional.linear(x.double(), w.to(dtype).double(), None if bias is None else bias.double())
+        assert_close(y, yr, dtype=dtype, scale=4)
+    xt = _rand((24, 6), dtype, device).t()  # non-contiguous
+    torch.testing.assert_close(f(xt), ops.scaled_linear(xt, w, bias, backend=backend).detach(), rtol=0, atol=0)
+
+
+def test_bind_linear_bad_input():
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"weight: expected \[out_features, 8\] for x of shape \(2, 8\), got \(4, 7\)"):
+        ops.bind_linear(x, w[:, :7])
+    with pytest.raises(ValueError, match=r"bias: expected shape \[4\] on cpu, got \[3\]"):
+        ops.bind_linear(x, w, torch.randn(3))
+    with pytest.raises(TypeError, match="x: expected .*got torch.int64"):
+        ops.bind_linear(x.long(), w)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        ops.bind_linear(x, w, backend="gpu")
+
+
 # Registration, opcheck, compile --------------------------------------------------------------------------
 
 

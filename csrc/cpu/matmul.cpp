@@ -4,7 +4,8 @@
 // scaled_matmul = an optimised GEMM (at::mm: MKL / oneDNN, multithreaded) over the whole problem, then ONE
 // fused epilogue pass (scale, bias, rounding to the output dtype, non-finite filter and flag), in place when
 // the GEMM's result already has the output dtype. Per operand dtype:
-//   fp32  sgemm straight into `out`; the epilogue rewrites it in place: no memory beyond the output.
+//   fp32  sgemm straight into `out`; the epilogue rewrites it in place: no memory beyond the output. With
+//         s == 1 and no filter the bias rides in the GEMM (addmm) and there is no epilogue pass at all.
 //   bf16  oneDNN's bf16 GEMM (fp32 accumulation inside, one rounding to bf16) straight into `out`, epilogue in
 //         place. The accumulator reaches the epilogue rounded to bf16 (CPU only; bf16 has fp32's range, so
 //         nothing overflows before s < 1 unscales it; the double rounding is within bf16's tolerance). torch's
@@ -152,6 +153,17 @@ std::tuple<at::Tensor, at::Tensor> scaled_matmul_cpu(const at::Tensor& a_in, con
   at::Tensor out2 = out.view({rows, N});
   // The GEMM: its result `acc` is `out` itself (fp32, bf16) or an fp32 accumulator (fp16).
   at::Tensor acc;
+  if (out_st == at::kFloat && s == 1.0f && !filter && K > 0 &&
+      (!bias.has_value() || bias->scalar_type() == at::kFloat)) {
+    // Nothing for the epilogue to do but the bias: one GEMM call with the bias in it (addmm), no second pass
+    // over the output. Small products, like a decoding step's, are mostly per-call cost.
+    if (bias.has_value()) {
+      at::addmm_out(out2, *bias, a2, b);
+    } else {
+      at::mm_out(out2, a2, b);
+    }
+    return {out, flag};
+  }
   if (K == 0) {
     acc = at::zeros({rows, N}, a_in.options().dtype(at::kFloat));
   } else if (out_st == at::kHalf) {

@@ -26,6 +26,7 @@ stream of seed `seed`, so the images are a pure function of (model, text, seed) 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -61,6 +62,7 @@ class _Decoder:
         self.v = [alloc(shape, dtype=dt, device=device) for _ in range(self.n_attn)]
         self.nt = c.n_text_classes
         self._masks: dict[str, torch.Tensor] = {}
+        self._plan = None  # bound on the first step (_bind)
 
     # -- pieces
     def _image_logits(self, h_last):
@@ -75,11 +77,47 @@ class _Decoder:
                                         kernel=c.conv_kernel, conv_variant=c.conv_variant)  # fmt: skip
         return self._masks[kind]
 
-    def _attend(self, attn, layer: int, x, pos):
-        """The attention body at positions pos .. pos + n - 1 (pos an int or a 0-dim device tensor)."""
+    def _bind(self, batch: int, device) -> None:
+        """The step's plan, resolved once per generate call: every resblock's norm parameters in its compute
+        dtype, its projections bound with ops.bind_linear and, for attention, ops.bind_decode_attention, so that
+        a step calls the kernels without the per-call checks and backend choice (at batch 1 on the CPU those
+        cost more than the step's small products; the prefill has already run every layer through the checked
+        ops). Both cache modes share it: they differ only in the attention call."""
+        c, plan, layer = self.c, [], 0
+        for blk in self.model.blocks:
+            body, dt = blk.block, blk.compute_dtype
+            h = torch.empty(batch, 1, c.d_model, dtype=dt, device=device)
+            norm = (body.norm.normalized_shape, body.norm.weight.detach().to(dt), body.norm.bias.detach().to(dt),
+                    body.norm.eps)  # fmt: skip
+            if hasattr(body, "qkv"):
+                q = torch.empty(batch, 1, c.n_heads, c.head_dim, dtype=dt, device=device).transpose(1, 2)
+                kc, vc = self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2)
+                attend = None
+                if self.mode == "sparse":
+                    attend = ops.bind_decode_attention(
+                        q, kc, vc, kind=body.kind, text_len=c.text_len, grid_size=(c.grid_h, c.grid_w),
+                        kernel=c.conv_kernel, conv_variant=c.conv_variant, backend=body.backend,
+                    )  # fmt: skip
+                qkv = ops.bind_linear(h, body.qkv.weight, body.qkv.bias, backend=body.qkv.backend)
+                out = ops.bind_linear(h, body.out_proj.weight, body.out_proj.bias, backend=body.out_proj.backend)
+                plan.append(("attn", dt, norm, (qkv, out, attend, layer, body.kind)))
+                layer += 1
+            else:
+                hid = torch.empty(batch, 1, body.fc.out_features, dtype=dt, device=device)
+                fc = ops.bind_linear(h, body.fc.weight, body.fc.bias, backend=body.fc.backend)
+                out = ops.bind_linear(hid, body.out_proj.weight, body.out_proj.bias, backend=body.out_proj.backend)
+                plan.append(("mlp", dt, norm, (fc, out)))
+        self._plan = plan
+        m = self.model
+        self._head = (m.norm.normalized_shape, m.norm.weight.detach(), m.norm.bias.detach(), m.norm.eps,
+                      m.head.weight.detach()[self.nt :], m.head.bias.detach()[self.nt :])  # fmt: skip
+
+    def _attend(self, parts, x, pos):
+        """The attention body at position pos (an int or a 0-dim device tensor) for x [B, 1, d]."""
+        qkv, out, attend, layer, kind = parts
         c = self.c
         b, n, d = x.shape
-        q, k, v = attn.qkv(attn.norm(x)).view(b, n, 3, c.n_heads, c.head_dim).unbind(2)  # [B, n, H, Dh] each
+        q, k, v = qkv(x).view(b, n, 3, c.n_heads, c.head_dim).unbind(2)  # [B, n, H, Dh] each
         kc, vc = self.k[layer], self.v[layer]
         if isinstance(pos, torch.Tensor):
             idx = pos + torch.arange(n, device=pos.device)
@@ -89,27 +127,26 @@ class _Decoder:
             kc[:, pos : pos + n] = k
             vc[:, pos : pos + n] = v
         q = q.transpose(1, 2)
-        if self.mode == "dense":  # static shapes: every cache slot, the mask row hides the others
-            mask = self._dense_mask(attn.kind)[int(pos) : int(pos) + n]
+        if attend is None:  # dense: static shapes, every cache slot, the mask row hides the others
+            mask = self._dense_mask(kind)[int(pos) : int(pos) + n]
             o = F.scaled_dot_product_attention(q, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=mask)
         else:
-            o = ops.sparse_decode_attention(
-                q, kc.transpose(1, 2), vc.transpose(1, 2), kind=attn.kind, position=pos, text_len=c.text_len,
-                grid_size=(c.grid_h, c.grid_w), kernel=c.conv_kernel, conv_variant=c.conv_variant,
-                backend=attn.backend,
-            )  # fmt: skip
-        return attn.out_proj(o.transpose(1, 2).reshape(b, n, d))
+            o = attend(q, kc.transpose(1, 2), vc.transpose(1, 2), pos)
+        return out(o.transpose(1, 2).reshape(b, n, d))
 
     def _blocks(self, x, pos):
-        layer = 0
-        for blk in self.model.blocks:
-            h = x.to(blk.compute_dtype)
-            if hasattr(blk.block, "qkv"):
-                y = self._attend(blk.block, layer, h, pos)
-                layer += 1
-            else:
-                y = blk.block(h)
-            x = x + y.to(torch.float32)
+        # nothing here needs autograd (generate runs under no_grad): skip the dispatcher's autograd layer,
+        # which for the extension's ops with Python-registered autograd is a round trip through Python
+        guard = contextlib.nullcontext() if torch.compiler.is_compiling() else torch._C._AutoDispatchBelowAutograd()
+        with guard:
+            for what, dt, norm, parts in self._plan:
+                h = F.layer_norm(x.to(dt), *norm)
+                if what == "attn":
+                    y = self._attend(parts, h, pos)
+                else:
+                    fc, out = parts
+                    y = out(F.gelu(fc(h)))
+                x = x + y.to(torch.float32)
         return x
 
     def _prefill_blocks(self, x):
@@ -146,8 +183,11 @@ class _Decoder:
         c, m = self.c, self.model
         idx = torch.as_tensor(index, device=token.device)
         x = m.image_emb(token) + m.image_row_emb(idx // c.grid_w) + m.image_col_emb(idx % c.grid_w)
-        x = self._blocks(x[:, None], c.text_len + index)
-        return self._image_logits(x[:, -1])
+        if self._plan is None:
+            self._bind(token.shape[0], token.device)
+        x = self._blocks(x[:, None], c.text_len + index)[:, -1]
+        shape, gain, bias, eps, w, b = self._head
+        return F.linear(F.layer_norm(x, shape, gain, bias, eps), w, b)
 
 
 class _GraphedStep:

@@ -12,11 +12,11 @@ from . import loss as _loss
 from . import matmul as _matmul
 from . import sampling as _sampling
 from .attention import sparse_attention
-from .decode import sparse_decode_attention
+from .decode import bind_decode_attention, sparse_decode_attention
 from .dvae import categorical_kl_uniform, gumbel_quantize, logit_laplace_nll
 from .gumbel import gumbel_argmax, gumbel_noise, gumbel_softmax
 from .loss import linear_cross_entropy
-from .matmul import scale_filter, scaled_linear, scaled_matmul
+from .matmul import bind_linear, scale_filter, scaled_linear, scaled_matmul
 from .sampling import sample
 
 # The family that answers available_backends for each public op (each knows which kernels serve its ops).
@@ -44,6 +44,8 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "available_backends",
+    "bind_decode_attention",
+    "bind_linear",
     "categorical_kl_uniform",
     "gumbel_argmax",
     "gumbel_noise",

@@ -143,6 +143,36 @@ def _reasons(q: torch.Tensor):
     return reasons
 
 
+def bind_decode_attention(q, k_cache, v_cache, *, kind, text_len, grid_size, kernel=11, conv_variant="clipped",
+                          scale=None, backend=None):  # fmt: skip
+    """`f(q, k_cache, v_cache, position)`: sparse_decode_attention with everything but the tensors and the
+    position checked and resolved once, here, for calls like this one (same shapes, dtypes, device, mask and
+    backend). For a decoding loop, whose steps differ only in the values: the per-call checks and the
+    backend choice cost more than one step of the kernel at small sizes. The kernels still check what they
+    read (shapes, an int position's range); a tensor position is checked like the op's."""
+    grid_h, grid_w = _grid(grid_size)
+    masks.check_mask_args(kind, text_len, grid_h, grid_w, kernel, conv_variant, _OP)
+    _check_tensors(q, k_cache, v_cache, text_len, grid_h, grid_w)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"{_OP}: scale: expected a finite float, got {scale!r}")
+    chosen = select(_OP, q.device, backend, _reasons(q))
+    if chosen == "eager":
+        kw = {"kind": kind, "text_len": text_len, "grid_size": (grid_h, grid_w), "kernel": kernel,
+              "conv_variant": conv_variant, "scale": scale, "backend": "eager"}  # fmt: skip
+        return lambda q, k_cache, v_cache, position: sparse_decode_attention(q, k_cache, v_cache, position=position,
+                                                                             **kw)  # fmt: skip
+    fn = _triton_op if chosen == "triton" else torch.ops.dalle_fast.sparse_decode_attention.default
+    static = (masks.KINDS.index(kind), text_len, grid_h, grid_w, kernel, conv_variant == "torus", float(scale))
+    lmax = k_cache.shape[2]
+
+    def call(q, k_cache, v_cache, position):
+        pt, pi = _check_position(position, q, lmax)
+        return fn(q, k_cache, v_cache, pt, pi, *static)
+
+    return call
+
+
 def available_backends(q, device=None) -> list[str]:
     """The backends that can serve sparse_decode_attention, in BACKENDS order: for queries like the tensor q, or
     (as dalle_fast.ops.available_backends("sparse_decode_attention", device) asks) on `device` for the kernels'

@@ -315,6 +315,35 @@ def _linear_forward(x, w, bias, out_dtype, backend):
     return y
 
 
+def bind_linear(x, weight, bias=None, *, backend=None):
+    """`f(x)`: the inference forward of scaled_linear(x, weight, bias) for inputs like x (same dtype, device,
+    feature size), checked and resolved once, here: the backend chosen, the weight rounded to x's dtype once
+    (a copy in that dtype while f lives, when the weight is stored in another), no autograd node. For decoding
+    loops, whose per-step products are small enough that scaled_linear's checks cost more than they do."""
+    _check_tensor(x, "x")
+    _check_tensor(weight, "weight")
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight: expected [out_features, {x.shape[-1] if x.dim() else '?'}] for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(weight.shape)}")  # fmt: skip
+    if weight.device != x.device:
+        raise ValueError(f"weight: expected a tensor on {x.device}, got {weight.device}")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        if bias.shape != (weight.shape[0],) or bias.device != x.device:
+            raise ValueError(f"bias: expected shape [{weight.shape[0]}] on {x.device}, got {list(bias.shape)} on "
+                             f"{bias.device}")  # fmt: skip
+    name = _dispatch.select("scaled_linear", x.device, backend, _reasons_for("scaled_matmul", x.device, (x.dtype,)))
+    wt = weight.detach().to(x.dtype).t()
+    b = None if bias is None else bias.detach()
+    if b is not None and b.dtype not in (x.dtype, torch.float32):
+        b = b.to(x.dtype)
+    if name == "eager":
+        return lambda x: reference.scaled_matmul(x, wt, b, 1.0, None, False)[0]
+    op = _op(name, "scaled_matmul").default  # the overload itself: no overload resolution per call
+    # the caller runs without autograd (inference): skip the op's autograd layer as _linear_forward does
+    return lambda x: op(x, wt, b, 1.0, None, False)[0]
+
+
 class _ScaledLinearFn(torch.autograd.Function):
     """y = x @ W^T + b on scaled_matmul; the backward's three products carry grad_scale (see scaled_linear)."""
 
