@@ -79,7 +79,7 @@ def evaluate(dalle_path: str, dvae_path: str, *, captions: int, samples: int, se
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dalle_fast.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--dvae-steps", type=int, default=1500)
+    ap.add_argument("--dvae-steps", type=int, default=6000, help="train_dvae --steps (its default: colour needs it)")
     ap.add_argument("--dalle-steps", type=int, default=1500)
     ap.add_argument("--dvae-args", default="", help="more train_dvae flags, e.g. '--threads 1 --image-size 32'")
     ap.add_argument("--dalle-args", default="", help="more train_dalle flags, e.g. '--layers 4 --batch-size 64'")

@@ -441,7 +441,7 @@ def _train(args, dd: training.Dist) -> dict:
     sampler = training.StepSampler(len(dataset), args.batch_size, seed=args.seed, rank=dd.rank, world_size=dd.world)
     stop = args.stop_at or args.steps
     progress = training.Progress(stop, every=args.log_every, enabled=dd.is_main and not args.quiet,
-                                 prefix="train_dalle ")  # fmt: skip
+                                 prefix="train_dalle ", start=start)  # fmt: skip
     tokens_per_step = args.batch_size * dd.world * (config.seq_len - 1)
     history, skipped = [], 0
     t_last, s_last = time.perf_counter(), start

@@ -1,6 +1,6 @@
 """Train the discrete VAE (paper section 2.1, App. A.2): `python -m dalle_fast.train_dvae [--data synthetic|PATH]`.
 
-    python -m dalle_fast.train_dvae --out runs/dvae                 # synthetic shapes, 32x32, ~10 min (--threads 1)
+    python -m dalle_fast.train_dvae --out runs/dvae                 # synthetic shapes, 32x32, ~15-20 min (--threads 1)
     python -m dalle_fast.train_dvae --data ~/images --image-size 256 --preset openai --out runs/big
     torchrun --nproc-per-node 2 -m dalle_fast.train_dvae --out runs/ddp          # DDP (gloo on CPU, NCCL on GPU)
     python -m dalle_fast.train_dvae --out runs/dvae --resume auto   # continue from runs/dvae/dvae.pt
@@ -30,7 +30,7 @@ the end the same figures over the first --eval-images images, with the mean squa
 reconstructions. On the synthetic shapes most tokens are black background, so a healthy model still has a
 modest perplexity; `codes` says more.
 
-The small default and why (measured on 2 shared CPU cores; docs/readme/dvaetrain.md has the figures): runs at
+The small default and why (measured on 2 shared CPU cores; README.md, "Training the dVAE", has the figures): runs at
 32x32 -> 4x4 tokens and 64x64 -> 8x8 tokens (tokens of 8x8 pixels) kept all-black argmax reconstructions and
 2-9 codes over their first 200-600 steps, with or without the KL term. A likely reason: the location a Laplace
 likelihood fits is a median, and a token of 8x8 pixels around a small object is mostly black, so until the codes
@@ -43,23 +43,25 @@ pixels (--pixel-noise; the paper adds none, --pixel-noise 0). Pass --group-count
 (the same 1500-step run with it used 6 codes against the 1500-step default's 42 and reconstructed dim smudges). Usage
 stays far below the vocabulary in a run this short.
 
-Reconstruction quality (measured; docs/readme/dvaeq.md has every run): the final evaluation also reads the argmax
-reconstructions of --check-images held-out scenes (SyntheticShapes "test": colour/shape pairs the training split
-lacks) back with data.check and prints the fraction right per attribute (count, shape, colour, position, all), raw
-and EMA weights, next to the same on the true renders (the ceiling: all 0.945 at 32x32, shape is the attribute
-check() misreads). No run of 1500 steps tried here reaches a usable tokenizer for colour: count and position
-0.94-1.00 (4x4-pixel tokens), shape 0.04-0.17 and colour 0.00-0.10 (chance is 1/6) whatever the KL weight (beta_end
-6.6, 0.5, 0.1, 0), pixel noise, straight-through codes (--hard), a tau that stays at 0.5 or above, 64 codes, step
-sizes 1e-2 and 1e-3, tokens of 2x2 pixels (--group-count 2) or the squared error (--recon mse: one code, stopped).
-Twice as many steps (3000, the new default, 575 s on one thread of the loaded machine) is the one change that moved
-colour: 0.230 read right (EMA 0.230), MSE 0.0075, 178 codes; blue and yellow objects come back blue and yellow
-(docs/dvae/recon_synthetic_32px_noise_3000steps.png), all 0.020 (shape stays at 0.09-0.11). The codes do differ
-between colours, but every code decodes to the same grey-green: the decoder fits the per-channel median colour of
-all objects, and with every code decoding to it the encoder gets no gradient to separate colours. The KL term is not
-the cause (beta 0 did not help). Defaults changed for it, each better or equal on every figure measured: --steps
-3000 (was 1500) and --pixel-noise 1/64 (the logit-Laplace likelihood of a flat black background is unbounded as ln b
--> -inf; with the noise 125 codes over 256 images against 42 and reconstruction MSE 0.0113 against 0.0120; check
-accuracy 0.02 against 0.00, within noise).
+Reconstruction quality (measured; README.md, "Reconstruction quality", has every run): the final evaluation also
+reads the argmax reconstructions of --check-images held-out scenes (SyntheticShapes "test": colour/shape pairs the
+training split lacks) back with data.check and prints the fraction right per attribute (count, shape, colour,
+position, all), raw and EMA weights, next to the same on the true renders (the ceiling: all 0.945 at 32x32, shape is
+the attribute check() misreads). No run of 1500 steps tried here reaches a usable tokenizer for colour: count and
+position 0.94-1.00 (4x4-pixel tokens), shape 0.04-0.17 and colour 0.00-0.10 (chance is 1/6) whatever the KL weight
+(beta_end 6.6, 0.5, 0.1, 0), pixel noise, straight-through codes (--hard), a tau that stays at 0.5 or above, 64
+codes, step sizes 1e-2 and 1e-3, tokens of 2x2 pixels (--group-count 2) or the squared error (--recon mse: one code,
+stopped). Longer runs are what moved colour: 3000 steps read it right on 0.230 of the held-out scenes (MSE 0.0075,
+shape 0.09), and 6000 steps (the default; 1138 s on one thread of the loaded machine) on all of them: count, colour
+and position 1.000, shape 0.330, all 0.330 (EMA 0.335), MSE 0.0028, 204 codes
+(docs/dvae/recon_synthetic_32px_noise_6000steps.png). In the shorter runs the codes do differ between colours, but
+every code decodes to the same grey-green: the decoder fits the per-channel median colour of all objects, and while
+every code decodes to it the encoder gets little gradient to separate colours; the slower schedule of a longer run
+(tau and the step size stay high for longer) lets the colours separate by step 1500 of 6000. The KL term is not the
+cause (beta 0 did not help). --pixel-noise 1/64 is the default because the logit-Laplace likelihood of a flat black
+background is unbounded as ln b -> -inf (with the noise 125 codes over 256 images against 42 and reconstruction MSE
+0.0113 against 0.0120 at 1500 steps; check accuracy 0.02 against 0.00, within noise). Shape is what the small model
+still misses.
 
 `load_dvae(path)` returns the trained DiscreteVAE (EMA weights by default) for train_dalle and sampling.
 """
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", default="synthetic", help="'synthetic' (data.SyntheticShapes, train split) or an image folder")
     a("--image-size", type=int, default=32, help="square image side in pixels (a multiple of 8)")
     a("--synthetic-length", type=int, default=20000, help="number of synthetic training scenes")
-    a("--steps", type=int, default=3000, help="total optimizer steps (the schedules' horizon)")
+    a("--steps", type=int, default=6000, help="total optimizer steps (the schedules' horizon)")
     a("--batch-size", type=int, default=16, help="images per step and per process")
     a("--preset", choices=sorted(PRESETS), default="small", help="model sizes (openai: the paper's)")
     for k in ("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init"):
@@ -436,7 +438,7 @@ def train(args, *, stream=None) -> dict:
             os.makedirs(args.out, exist_ok=True)
         end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
         progress = training.Progress(args.steps, every=args.log_every, stream=stream, enabled=dist.is_main,
-                                     prefix="dvae ")  # fmt: skip
+                                     prefix="dvae ", start=start)  # fmt: skip
         history = []
 
         def save(step_done: int) -> None:

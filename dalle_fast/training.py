@@ -235,14 +235,19 @@ class Dist:
 
 class Progress:
     """A one-line progress display: redrawn in place on a terminal, a plain line every `every` steps (and the
-    last) otherwise, so logs stay short. progress.update(step, loss=..., kl=...) formats floats compactly."""
+    last) otherwise, so logs stay short. progress.update(step, loss=..., kl=...) formats floats compactly.
 
-    def __init__(self, total: int, *, every: int = 10, stream=None, enabled: bool = True, prefix: str = ""):
+    The rate counts the steps done since the display was made: `start` is the step the run begins at (0, or a
+    resumed run's first step); without it, the step of the first update, which is right only when every step is
+    reported."""
+
+    def __init__(self, total: int, *, every: int = 10, stream=None, enabled: bool = True, prefix: str = "",
+                 start: int | None = None):  # fmt: skip
         self.total, self.every, self.enabled, self.prefix = total, max(1, every), enabled, prefix
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.start = time.perf_counter()
-        self.first_step: int | None = None
+        self.first_step: int | None = start
 
     def update(self, step: int, **values) -> None:
         """Report that step `step` (0-based) finished, with named values."""

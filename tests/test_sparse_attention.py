@@ -75,9 +75,12 @@ def _check(case, device, backend, dtype=torch.float32, layout="contiguous", bloc
     eager = _eager_low_precision(ql, kl, vl, mask, d**-0.5)
     eager_grads = torch.autograd.grad(eager, (ql, kl, vl), grad)
     assert_within_eager_error(out, oracle, eager, dtype)
+    # dq and dk are sums of p (dp - delta), differences of terms as large as dv's entries: where they cancel to
+    # ~0 (a query that sees one key: kernel 1, no text) the floor must follow those terms, not the result
+    grad_scale = max(1.0, *(o.abs().max().item() for o in oracle_grads))
     for name, a, o, e in zip("qkv", (dq, dk, dv), oracle_grads, eager_grads):
         assert a.shape == q.shape and a.dtype == dtype, name
-        assert_within_eager_error(a, o, e, dtype, scale=max(1.0, o.abs().max().item()))
+        assert_within_eager_error(a, o, e, dtype, scale=grad_scale)
 
 
 SMALL = [

@@ -97,3 +97,17 @@ def test_progress_writes_lines_when_not_a_terminal():
         p.update(step, loss=0.5, codes=3)
     lines = s.getvalue().splitlines()
     assert len(lines) == 3 and lines[-1].startswith("[####################] 25/25 loss 0.5 | codes 3")
+
+
+def test_progress_rate_when_only_some_steps_are_reported(monkeypatch):
+    """A caller that reports every 10th step of a run resumed at step 20: the rate counts all steps since then."""
+    import io
+
+    clock = iter([100.0, 110.0, 120.0])  # construction, then one update at each report
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    s = io.StringIO()
+    p = training.Progress(60, every=10, stream=s, start=20)
+    p.update(29, loss=1.0)
+    p.update(39, loss=1.0)
+    first, second = s.getvalue().splitlines()
+    assert "| 1.00 it/s eta 0m30s" in first and "| 1.00 it/s eta 0m20s" in second
