@@ -157,14 +157,21 @@ def bind_decode_attention(q, k_cache, v_cache, *, kind, text_len, grid_size, ker
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"{_OP}: scale: expected a finite float, got {scale!r}")
     chosen = select(_OP, q.device, backend, _reasons(q))
+    lmax = k_cache.shape[2]
     if chosen == "eager":
         kw = {"kind": kind, "text_len": text_len, "grid_size": (grid_h, grid_w), "kernel": kernel,
-              "conv_variant": conv_variant, "scale": scale, "backend": "eager"}  # fmt: skip
-        return lambda q, k_cache, v_cache, position: sparse_decode_attention(q, k_cache, v_cache, position=position,
-                                                                             **kw)  # fmt: skip
+              "conv_variant": conv_variant, "scale": scale}  # fmt: skip
+
+        def call_eager(q, k_cache, v_cache, position):
+            pt, pi = _check_position(position, q, lmax)
+            if pt is not None:  # the reference takes an int: read the tensor, and check its value
+                pi = int(pt.item())
+                _check_position(pi, q, lmax)
+            return _ref.sparse_decode_attention(q, k_cache, v_cache, position=pi, **kw)
+
+        return call_eager
     fn = _triton_op if chosen == "triton" else torch.ops.dalle_fast.sparse_decode_attention.default
     static = (masks.KINDS.index(kind), text_len, grid_h, grid_w, kernel, conv_variant == "torus", float(scale))
-    lmax = k_cache.shape[2]
 
     def call(q, k_cache, v_cache, position):
         pt, pi = _check_position(position, q, lmax)
@@ -202,28 +209,11 @@ def sparse_decode_attention(
     [B, n, H, D]; fp32 math). D in {32, 64, 128} and fp16 / bf16 / fp32 for the kernel backends. Not
     differentiable.
     """
-    grid_h, grid_w = _grid(grid_size)
-    masks.check_mask_args(kind, text_len, grid_h, grid_w, kernel, conv_variant, _OP)
-    _check_tensors(q, k_cache, v_cache, text_len, grid_h, grid_w)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k_cache, v_cache)):
         raise RuntimeError(
             f"{_OP}: an input requires grad, but decoding attention has no backward (inference only): call it "
             "under torch.no_grad() / torch.inference_mode(), or detach the inputs"
         )
-    position_tensor, position_int = _check_position(position, q, k_cache.shape[2])
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"{_OP}: scale: expected a finite float, got {scale!r}")
-    chosen = select(_OP, q.device, backend, _reasons(q))
-    if chosen == "eager":
-        if position_tensor is not None:
-            position_int = int(position_tensor.item())
-            _check_position(position_int, q, k_cache.shape[2])
-        return _ref.sparse_decode_attention(q, k_cache, v_cache, kind=kind, position=position_int, text_len=text_len,
-                                            grid_size=(grid_h, grid_w), kernel=kernel, conv_variant=conv_variant,
-                                            scale=scale)  # fmt: skip
-    args = (q, k_cache, v_cache, position_tensor, position_int, masks.KINDS.index(kind), text_len, grid_h, grid_w,
-            kernel, conv_variant == "torus", float(scale))  # fmt: skip
-    if chosen == "triton":
-        return _triton_op(*args)
-    return torch.ops.dalle_fast.sparse_decode_attention(*args)
+    bound = bind_decode_attention(q, k_cache, v_cache, kind=kind, text_len=text_len, grid_size=grid_size,
+                                  kernel=kernel, conv_variant=conv_variant, scale=scale, backend=backend)  # fmt: skip
+    return bound(q, k_cache, v_cache, position)
