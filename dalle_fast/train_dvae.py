@@ -47,7 +47,8 @@ Reconstruction quality (measured; README.md, "Reconstruction quality", has every
 reads the argmax reconstructions of --check-images held-out scenes (SyntheticShapes "test": colour/shape pairs the
 training split lacks) back with data.check and prints the fraction right per attribute (count, shape, colour,
 position, all), raw and EMA weights, next to the same on the true renders (the ceiling: all 1.000 at 32x32).
-No run of 1500 steps tried here reaches a usable tokenizer for colour: count and position 0.94-1.00 (4x4-pixel tokens), shape 0.04-0.17 and colour 0.00-0.10 (chance is 1/6) whatever the KL weight
+No run of 1500 steps tried here reaches a usable tokenizer for colour: count and position 0.94-1.00 (4x4-pixel
+tokens), shape 0.04-0.17 and colour 0.00-0.10 (chance is 1/6) whatever the KL weight
 (beta_end 6.6, 0.5, 0.1, 0), pixel noise, straight-through codes (--hard), a tau that stays at 0.5 or above, 64
 codes, step sizes 1e-2 and 1e-3, tokens of 2x2 pixels (--group-count 2) or the squared error (--recon mse: one code,
 stopped). Longer runs are what moved colour: 3000 steps read it right on 0.230 of the held-out scenes (MSE 0.0075,
