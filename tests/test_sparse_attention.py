@@ -278,8 +278,8 @@ def test_eager_serves_any_head_size():
 
 
 def test_cpp_portable_path_matches():
-    """DALLE_FAST_CPU_PORTABLE=1 (read once per process) forces the plain C++ loops instead of the AVX-512
-    micro-kernels: both paths must agree with the reference (and with each other to rounding)."""
+    """DALLE_FAST_CPU_PORTABLE=1 (read once per process) forces the plain C++ loops instead of the AVX-512 or
+    AVX2 micro-kernels (whichever this CPU runs): both paths must agree with the reference."""
     import os
     import subprocess
     import sys

@@ -29,9 +29,9 @@
 // own tile is transposed (Q^T in the forward and dQ, K^T and V^T in dK/dV): the scores of a span are
 // computed against it, so no span is ever repacked.
 //
-// GEMMs. Our own register-blocked AVX-512 micro-kernels (8 x 32 for the score GEMMs, 4 x 64 for the
-// accumulating ones), with portable loops (target_clones: AVX2, baseline) elsewhere; both give each
-// element as fused multiply-add chains in a fixed order, which the backward relies on (see "Tile GEMMs").
+// GEMMs. Our own register-blocked micro-kernels, AVX-512 (8 x 32 for the score GEMMs, 4 x 64 for the
+// accumulating ones) or AVX2 + FMA (6 x 16, 3 x 32), with portable loops elsewhere; all give each element as
+// fused multiply-add chains in a fixed order, which the backward relies on (see "Tile GEMMs").
 // torch's cpublas::gemm, which ATen's own CPU flash attention uses, is not exported to extensions; the
 // tiles are also too small for a BLAS call's fixed cost. The exp of the softmax is math.h's
 // exp_finite_or_zero on 16 lanes.
@@ -67,7 +67,7 @@ constexpr int kChunk = 32;  // k per fma chain of gemm_nn
 
 // ------------------------------------------------------------------------------------------------
 // Tile GEMMs on fp32, row-major. Every element is one fused multiply-add chain over k in ascending order,
-// whatever the tile shapes and the code path (AVX-512 or the portable loops):
+// whatever the tile shapes and the code path (AVX-512, AVX2 or the portable loops):
 //   gemm_nt  C[m, n] = alpha * chain_k(A[m, k] * Bt[k, n])   (A [M, K] rows; Bt = B^T packed [K, N])
 //   gemm_nn  C[m, n] += sum over chunks of kChunk consecutive k (ascending) of chain_k(A(m, k) * B[k, n])
 //            (A(m, k) = A[m * sa_m + k * sa_k]: a matrix or the transpose of one; B [K, N] rows. The chunks
@@ -317,22 +317,239 @@ DF_AVX512 void ds_rows_avx512(float* s, const float* dp, int rows, int n, int64_
   }
 }
 
-// DALLE_FAST_CPU_PORTABLE=1 (read once) forces the portable loops, so that tests can compare both paths.
-bool have_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && std::getenv("DALLE_FAST_CPU_PORTABLE") == nullptr;
-  return yes;
+// ------------------------------------------------------------------------------------------------
+// The same kernels on 8 lanes for AVX2 + FMA hosts without AVX-512 (AMD before Zen 4, many Intel desktops):
+// the same fma chains in the same order, so the GEMMs give the bits of the other two paths. Tails use
+// vmaskmov, only on the last partial vector (its store is slow on AMD).
+#define DF_AVX2 __attribute__((target("avx2,fma")))
+
+DF_AVX2 inline __m256i lane_mask8(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-#define DF_TRY_AVX512(call) \
-  if (have_avx512()) return call
+DF_AVX2 inline __m256 load8(const float* p, int n, __m256i mk) {
+  return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mk);
+}
+DF_AVX2 inline void store8(float* p, int n, __m256i mk, __m256 v) {
+  if (n >= 8)
+    _mm256_storeu_ps(p, v);
+  else
+    _mm256_maskstore_ps(p, mk, v);
+}
+
+// MR rows x NV vectors (n valid columns, n <= 8 NV) of C = alpha * A Bt.
+template <int MR, int NV>
+DF_AVX2 inline void nt_block8(int K, float alpha, const float* A, int64_t lda, const float* Bt, int64_t ldt, float* C,
+                              int64_t ldc, int n) {
+  const __m256i last = lane_mask8(n - 8 * (NV - 1));
+  const int nl = n - 8 * (NV - 1);
+  __m256 acc[MR][NV];
+  DF_UNROLL for (int r = 0; r < MR; ++r) DF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    __m256 b[NV];
+    DF_UNROLL for (int v = 0; v < NV; ++v) b[v] = v == NV - 1 ? load8(Bt + k * ldt + 8 * v, nl, last)
+                                                               : _mm256_loadu_ps(Bt + k * ldt + 8 * v);
+    DF_UNROLL for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      DF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  const __m256 al = _mm256_set1_ps(alpha);
+  DF_UNROLL for (int r = 0; r < MR; ++r) DF_UNROLL for (int v = 0; v < NV; ++v) {
+    const __m256 c = _mm256_mul_ps(acc[r][v], al);
+    if (v == NV - 1)
+      store8(C + r * ldc + 8 * v, nl, last, c);
+    else
+      _mm256_storeu_ps(C + r * ldc + 8 * v, c);
+  }
+}
+
+template <int MR, int NV>
+DF_AVX2 void nt_rows8(int M, int K, float alpha, const float* A, int64_t lda, const float* Bt, int64_t ldt, float* C,
+                      int64_t ldc, int n) {
+  int m = 0;
+  for (; m + MR <= M; m += MR) nt_block8<MR, NV>(K, alpha, A + m * lda, lda, Bt, ldt, C + m * ldc, ldc, n);
+  for (; m < M; ++m) nt_block8<1, NV>(K, alpha, A + m * lda, lda, Bt, ldt, C + m * ldc, ldc, n);
+}
+
+DF_AVX2 void gemm_nt_avx2(int M, int N, int K, float alpha, const float* A, int64_t lda, const float* Bt, int64_t ldt,
+                          float* C, int64_t ldc) {
+  for (int n0 = 0; n0 < N; n0 += 16) {
+    const int n = std::min(16, N - n0);
+    if (n > 8)
+      nt_rows8<6, 2>(M, K, alpha, A, lda, Bt + n0, ldt, C + n0, ldc, n);
+    else
+      nt_rows8<8, 1>(M, K, alpha, A, lda, Bt + n0, ldt, C + n0, ldc, n);
+  }
+}
+
+// MR rows x NV vectors (n valid columns) of C += A B, in chains of kChunk k.
+template <int MR, int NV>
+DF_AVX2 inline void nn_block8(int K, const float* A, int64_t sa_m, int64_t sa_k, const float* B, int64_t ldb, float* C,
+                              int64_t ldc, int n) {
+  const int nl = n - 8 * (NV - 1);
+  const __m256i last = lane_mask8(nl);
+  for (int k0 = 0; k0 < K; k0 += kChunk) {
+    __m256 acc[MR][NV];
+    DF_UNROLL for (int r = 0; r < MR; ++r) DF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+    const int k1 = std::min(K, k0 + kChunk);
+    for (int k = k0; k < k1; ++k) {
+      __m256 b[NV];
+      DF_UNROLL for (int v = 0; v < NV; ++v) b[v] = v == NV - 1 ? load8(B + k * ldb + 8 * v, nl, last)
+                                                                 : _mm256_loadu_ps(B + k * ldb + 8 * v);
+      DF_UNROLL for (int r = 0; r < MR; ++r) {
+        const __m256 a = _mm256_broadcast_ss(A + r * sa_m + k * sa_k);
+        DF_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+      }
+    }
+    DF_UNROLL for (int r = 0; r < MR; ++r) DF_UNROLL for (int v = 0; v < NV; ++v) {
+      float* c = C + r * ldc + 8 * v;
+      if (v == NV - 1)
+        store8(c, nl, last, _mm256_add_ps(load8(c, nl, last), acc[r][v]));
+      else
+        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc[r][v]));
+    }
+  }
+}
+
+template <int MR, int NV>
+DF_AVX2 void nn_rows8(int M, int K, const float* A, int64_t sa_m, int64_t sa_k, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, int n) {
+  int m = 0;
+  for (; m + MR <= M; m += MR) nn_block8<MR, NV>(K, A + m * sa_m, sa_m, sa_k, B, ldb, C + m * ldc, ldc, n);
+  for (; m < M; ++m) nn_block8<1, NV>(K, A + m * sa_m, sa_m, sa_k, B, ldb, C + m * ldc, ldc, n);
+}
+
+DF_AVX2 void gemm_nn_avx2(int M, int N, int K, const float* A, int64_t sa_m, int64_t sa_k, const float* B, int64_t ldb,
+                          float* C, int64_t ldc) {
+  for (int n0 = 0; n0 < N; n0 += 32) {
+    const int n = std::min(32, N - n0);
+    const float* b = B + n0;
+    float* c = C + n0;
+    switch ((n + 7) / 8) {
+      case 1:
+        nn_rows8<8, 1>(M, K, A, sa_m, sa_k, b, ldb, c, ldc, n);
+        break;
+      case 2:
+        nn_rows8<6, 2>(M, K, A, sa_m, sa_k, b, ldb, c, ldc, n);
+        break;
+      case 3:
+        nn_rows8<4, 3>(M, K, A, sa_m, sa_k, b, ldb, c, ldc, n);
+        break;
+      default:
+        nn_rows8<3, 4>(M, K, A, sa_m, sa_k, b, ldb, c, ldc, n);
+    }
+  }
+}
+
+// exp_finite_or_zero of math.h on 8 lanes, as exp_avx512.
+DF_AVX2 inline __m256 exp_avx2(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-86.f), hi = _mm256_set1_ps(88.f), shift = _mm256_set1_ps(12582912.f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 t = _mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504089f)), shift);
+  const __m256 nf = _mm256_sub_ps(t, shift);
+  const __m256i n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(shift));
+  const __m256 r = _mm256_add_ps(_mm256_sub_ps(xc, _mm256_mul_ps(nf, _mm256_set1_ps(0.693359375f))),
+                                 _mm256_mul_ps(nf, _mm256_set1_ps(2.12194440e-4f)));
+  __m256 p = _mm256_set1_ps(1.f / 5040.f);
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 720.f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(0.5f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f));
+  __m256 y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(n, 23)));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+DF_AVX2 void col_max_avx2(const float* s, int rows, int n, int64_t ld, float* out) {
+  for (int c = 0; c < n; c += 8) {
+    const int nc = n - c;
+    const __m256i mk = lane_mask8(nc);
+    __m256 m = load8(out + c, nc, mk);
+    for (int r = 0; r < rows; ++r) m = _mm256_max_ps(m, load8(s + r * ld + c, nc, mk));
+    store8(out + c, nc, mk, m);
+  }
+}
+
+DF_AVX2 void exp_cols_avx2(float* s, int rows, int n, int64_t ld, const float* shift, float* sum) {
+  for (int c = 0; c < n; c += 8) {
+    const int nc = n - c;
+    const __m256i mk = lane_mask8(nc);
+    const __m256 sh = load8(shift + c, nc, mk);
+    __m256 acc = load8(sum + c, nc, mk);
+    for (int r = 0; r < rows; ++r) {
+      float* row = s + r * ld + c;
+      const __m256 e = exp_avx2(_mm256_sub_ps(load8(row, nc, mk), sh));
+      store8(row, nc, mk, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    store8(sum + c, nc, mk, acc);
+  }
+}
+
+DF_AVX2 void ds_cols_avx2(float* s, const float* dp, int rows, int n, int64_t ld, const float* lse,
+                          const float* delta) {
+  for (int c = 0; c < n; c += 8) {
+    const int nc = n - c;
+    const __m256i mk = lane_mask8(nc);
+    const __m256 ls = load8(lse + c, nc, mk), de = load8(delta + c, nc, mk);
+    for (int r = 0; r < rows; ++r) {
+      float* row = s + r * ld + c;
+      const __m256 p = exp_avx2(_mm256_sub_ps(load8(row, nc, mk), ls));
+      store8(row, nc, mk, _mm256_mul_ps(p, _mm256_sub_ps(load8(dp + r * ld + c, nc, mk), de)));
+    }
+  }
+}
+
+DF_AVX2 void p_rows_avx2(float* s, int rows, int n, int64_t ld, const float* lse) {
+  for (int r = 0; r < rows; ++r) {
+    const __m256 ls = _mm256_set1_ps(lse[r]);
+    for (int c = 0; c < n; c += 8) {
+      const int nc = n - c;
+      const __m256i mk = lane_mask8(nc);
+      float* row = s + r * ld + c;
+      store8(row, nc, mk, exp_avx2(_mm256_sub_ps(load8(row, nc, mk), ls)));
+    }
+  }
+}
+
+DF_AVX2 void ds_rows_avx2(float* s, const float* dp, int rows, int n, int64_t ld, const float* delta) {
+  for (int r = 0; r < rows; ++r) {
+    const __m256 de = _mm256_set1_ps(delta[r]);
+    for (int c = 0; c < n; c += 8) {
+      const int nc = n - c;
+      const __m256i mk = lane_mask8(nc);
+      float* row = s + r * ld + c;
+      const __m256 g = _mm256_sub_ps(load8(dp + r * ld + c, nc, mk), de);
+      store8(row, nc, mk, _mm256_mul_ps(load8(row, nc, mk), g));
+    }
+  }
+}
+
+// The widest path this CPU runs: 2 AVX-512, 1 AVX2 + FMA, 0 the portable loops. DALLE_FAST_CPU_PORTABLE=1
+// (read once) forces 0, so that tests can compare the paths.
+int simd_level() {
+  static const int level = std::getenv("DALLE_FAST_CPU_PORTABLE") != nullptr ? 0
+                           : __builtin_cpu_supports("avx512f")                ? 2
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
+                                                                                             : 0;
+  return level;
+}
+#define DF_TRY_SIMD(name, ...)                             \
+  if (simd_level() == 2) return name##_avx512(__VA_ARGS__); \
+  if (simd_level() == 1) return name##_avx2(__VA_ARGS__)
 #else
-#define DF_TRY_AVX512(call)
+#define DF_TRY_SIMD(name, ...)
 #endif
 
 // C = alpha * A B^T for A [M, K] rows and Bt = B^T [K, N] (leading dimension ldt).
 void gemm_nt(int M, int N, int K, float alpha, const float* A, int64_t lda, const float* Bt, int64_t ldt, float* C,
              int64_t ldc) {
   if (M == 0 || N == 0) return;
-  DF_TRY_AVX512(gemm_nt_avx512(M, N, K, alpha, A, lda, Bt, ldt, C, ldc));
+  DF_TRY_SIMD(gemm_nt, M, N, K, alpha, A, lda, Bt, ldt, C, ldc);
   gemm_nt_loops(M, N, K, alpha, A, lda, Bt, ldt, C, ldc);
 }
 
@@ -340,7 +557,7 @@ void gemm_nt(int M, int N, int K, float alpha, const float* A, int64_t lda, cons
 void gemm_nn(int M, int N, int K, const float* A, int64_t sa_m, int64_t sa_k, const float* B, int64_t ldb, float* C,
              int64_t ldc) {
   if (M == 0 || N == 0) return;
-  DF_TRY_AVX512(gemm_nn_avx512(M, N, K, A, sa_m, sa_k, B, ldb, C, ldc));
+  DF_TRY_SIMD(gemm_nn, M, N, K, A, sa_m, sa_k, B, ldb, C, ldc);
   std::vector<float> tmp(N);
   gemm_nn_loops(M, N, K, A, sa_m, sa_k, B, ldb, C, ldc, tmp.data());
 }
@@ -351,14 +568,14 @@ void gemm_nn(int M, int N, int K, const float* A, int64_t sa_m, int64_t sa_k, co
 
 // out[c] = max(out[c], max_r s[r, c]).
 void col_max(const float* s, int rows, int n, int64_t ld, float* out) {
-  DF_TRY_AVX512(col_max_avx512(s, rows, n, ld, out));
+  DF_TRY_SIMD(col_max, s, rows, n, ld, out);
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < n; ++c) out[c] = s[r * ld + c] > out[c] ? s[r * ld + c] : out[c];
 }
 
 // s = exp(s - shift[c]); sum[c] += the column's sum (rows in order).
 void exp_cols(float* s, int rows, int n, int64_t ld, const float* shift, float* sum) {
-  DF_TRY_AVX512(exp_cols_avx512(s, rows, n, ld, shift, sum));
+  DF_TRY_SIMD(exp_cols, s, rows, n, ld, shift, sum);
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < n; ++c) {
       const float e = exp_finite_or_zero(s[r * ld + c] - shift[c]);
@@ -369,7 +586,7 @@ void exp_cols(float* s, int rows, int n, int64_t ld, const float* shift, float* 
 
 // s = exp(s - lse[c]) * (dp - delta[c]): dS from the scores.
 void ds_cols(float* s, const float* dp, int rows, int n, int64_t ld, const float* lse, const float* delta) {
-  DF_TRY_AVX512(ds_cols_avx512(s, dp, rows, n, ld, lse, delta));
+  DF_TRY_SIMD(ds_cols, s, dp, rows, n, ld, lse, delta);
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < n; ++c)
       s[r * ld + c] = exp_finite_or_zero(s[r * ld + c] - lse[c]) * (dp[r * ld + c] - delta[c]);
@@ -377,14 +594,14 @@ void ds_cols(float* s, const float* dp, int rows, int n, int64_t ld, const float
 
 // s = exp(s - lse[r]): P from the scores.
 void p_rows(float* s, int rows, int n, int64_t ld, const float* lse) {
-  DF_TRY_AVX512(p_rows_avx512(s, rows, n, ld, lse));
+  DF_TRY_SIMD(p_rows, s, rows, n, ld, lse);
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < n; ++c) s[r * ld + c] = exp_finite_or_zero(s[r * ld + c] - lse[r]);
 }
 
 // s = s * (dp - delta[r]): dS from P.
 void ds_rows(float* s, const float* dp, int rows, int n, int64_t ld, const float* delta) {
-  DF_TRY_AVX512(ds_rows_avx512(s, dp, rows, n, ld, delta));
+  DF_TRY_SIMD(ds_rows, s, dp, rows, n, ld, delta);
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < n; ++c) s[r * ld + c] = s[r * ld + c] * (dp[r * ld + c] - delta[r]);
 }
