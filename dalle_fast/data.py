@@ -255,22 +255,17 @@ def _classify_shape(mask: torch.Tensor, cell: float) -> str:
     y0, y1 = ys.min().item(), ys.max().item() + 1.0
     shift = torch.linspace(-0.75, 0.75, 7)
     ddx, ddy, ddr = (t.reshape(-1, 1, 1) for t in torch.meshgrid(shift, shift, torch.linspace(-1, 1, 9), indexing="ij"))
+    bx, by = 0.5 * (x0 + x1), 0.5 * (y0 + y1)  # the box's centre
     fits = {}
     for shape in SHAPES:
         ex0, ex1, ey0, ey1 = _EXTENT[shape]
         r = 0.5 * ((x1 - x0) / (ex1 - ex0) + (y1 - y0) / (ey1 - ey0))
         r = (r + ddr).clamp(0.28 * cell, 0.44 * cell)
-        fits[shape] = r, 0.5 * (x0 + x1) - 0.5 * (ex0 + ex1) * r + ddx, 0.5 * (y0 + y1) - 0.5 * (ey0 + ey1) * r + ddy
+        fits[shape] = r, bx - 0.5 * (ex0 + ex1) * r + ddx, by - 0.5 * (ey0 + ey1) * r + ddy
     # Only the window every candidate drawing fits in (centres within 0.85 px + 0.1 r of the box's centre).
     reach = 1.1 * max(f[0].max().item() for f in fits.values()) + 2
-    xa, xb = (
-        max(0, int(min(x0, 0.5 * (x0 + x1) - reach))),
-        min(mask.shape[1], int(max(x1, 0.5 * (x0 + x1) + reach)) + 1),
-    )
-    ya, yb = (
-        max(0, int(min(y0, 0.5 * (y0 + y1) - reach))),
-        min(mask.shape[0], int(max(y1, 0.5 * (y0 + y1) + reach)) + 1),
-    )
+    xa, xb = max(0, int(min(x0, bx - reach))), min(mask.shape[1], int(max(x1, bx + reach)) + 1)
+    ya, yb = max(0, int(min(y0, by - reach))), min(mask.shape[0], int(max(y1, by + reach)) + 1)
     mask = mask[ya:yb, xa:xb]
     x = torch.arange(xa, xb, dtype=torch.float32).view(1, -1) + 0.5
     y = torch.arange(ya, yb, dtype=torch.float32).view(-1, 1) + 0.5
