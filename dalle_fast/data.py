@@ -328,6 +328,31 @@ def parse_caption(caption: str) -> Scene:
     return Scene(objs, relation)
 
 
+def caption_variants(caption: str, attributes=("shape", "colour", "position")) -> list[str]:
+    """The captions that differ from `caption` in one word of the given attributes: each object's shape or colour
+    replaced by every other one; "position": a one-object caption's position by every other one, a two-object
+    caption's relation by every other one. Negatives for a contrastive reranker (nn.decoding.contrastive_scorer)."""
+    unknown = set(attributes) - {"shape", "colour", "position"}
+    if unknown:
+        raise ValueError(f"attributes: expected some of ('shape', 'colour', 'position'), got {sorted(unknown)}")
+    scene = parse_caption(caption)
+    out = []
+    for i, o in enumerate(scene.objects):
+        changed = []
+        if "shape" in attributes:
+            changed += [Obj(s, o.colour, o.cell) for s in SHAPES if s != o.shape]
+        if "colour" in attributes:
+            changed += [Obj(o.shape, c, o.cell) for c in sorted(COLOURS) if c != o.colour]
+        if "position" in attributes and scene.relation is None:
+            changed += [Obj(o.shape, o.colour, p) for p in range(GRID * GRID) if p != o.cell]
+        for new in changed:
+            objects = scene.objects[:i] + (new,) + scene.objects[i + 1 :]
+            out.append(Scene(objects, scene.relation).caption)
+    if "position" in attributes and scene.relation is not None:
+        out += [Scene(scene.objects, r).caption for r in RELATIONS if r != scene.relation]
+    return out
+
+
 def check(image: torch.Tensor, target: "Scene | str") -> dict[str, bool]:
     """Does the image show what the caption (or scene) says? Per attribute and overall:
     count (as many objects as asked), shape, colour, position (the cell for one object, the relation for

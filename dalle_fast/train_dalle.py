@@ -213,6 +213,14 @@ class SeededBPEDropout:
 # Model and optimizer -------------------------------------------------------------------------------------
 
 
+def drop_captions(text: torch.Tensor, pads: torch.Tensor, p: float, rng: random.Random) -> torch.Tensor:
+    """text [B, T] with each caption replaced, with probability p drawn from rng, by the empty caption `pads`
+    [T]: the model then also learns p(image) without a caption, which classifier-free guidance needs
+    (DALLE.generate(guidance_scale=...))."""
+    keep = torch.tensor([rng.random() >= p for _ in range(text.shape[0])], device=text.device)
+    return torch.where(keep[:, None], text, pads)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on the matrices of linear layers (resblock projections, the output head), none on
     gains, biases and embeddings (paper App. B.2)."""
@@ -279,6 +287,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--text-len", type=int, default=16)
     g.add_argument("--text-vocab", type=int, default=512, help="BPE vocabulary bound (pads follow it)")
     g.add_argument("--bpe-dropout", type=float, default=0.1)
+    g.add_argument("--text-dropout", type=float, default=0.0,
+                   help="probability of the empty caption (all pads) in place of a caption: for guidance")  # fmt: skip
     g = p.add_argument_group("model")
     g.add_argument("--layers", type=int, default=4)
     g.add_argument("--heads", type=int, default=4)
@@ -321,6 +331,7 @@ def check_args(args) -> None:
     need("image_size", args.image_size is None or args.image_size >= 24, "an integer >= 24 (SyntheticShapes)")
     need("text_vocab", args.text_vocab >= 256, "an integer >= 256 (the byte alphabet)")
     need("bpe_dropout", 0 <= args.bpe_dropout < 1, "a probability in [0, 1)")
+    need("text_dropout", 0 <= args.text_dropout < 1, "a probability in [0, 1)")
     need("warmup", 0 <= args.warmup, "an integer >= 0")
     for name in ("lr", "clip"):
         need(name, math.isfinite(getattr(args, name)) and getattr(args, name) > 0, "a finite number > 0")
@@ -450,6 +461,9 @@ def _train(args, dd: training.Dist) -> dict:
         idx = sampler.indices(step)
         rng = random.Random(f"dalle_fast.bpe/{args.seed}/{step}/{dd.rank}") if tokenizer.dropout > 0 else None
         text = bpe.encode([captions[i] for i in idx], rng).to(device)
+        if args.text_dropout > 0:
+            rng = random.Random(f"dalle_fast.text_dropout/{args.seed}/{step}/{dd.rank}")
+            text = drop_captions(text, tokenizer.pad_ids(device), args.text_dropout, rng)
         image = codes[idx].flatten(1).to(device)
         lr = training.warmup_cosine(step, warmup=args.warmup, total=args.steps, peak=args.lr, final=args.final_lr)
         for group in opt.param_groups:

@@ -64,6 +64,26 @@ def test_captions_follow_the_grammar():
         D.parse_caption("a purple circle above a red square")
 
 
+@pytest.mark.parametrize("caption", ["a red circle in the top left", "a blue square above a green cross"])
+def test_caption_variants_differ_in_one_word(caption):
+    scene = D.parse_caption(caption)
+    one = scene.relation is None
+    variants = D.caption_variants(caption)
+    # per object 4 other shapes and 5 other colours; then 8 other positions (one object) or 3 other relations
+    assert len(variants) == len(set(variants)) == (17 if one else 2 * 9 + 3)
+    for v in variants:
+        other = D.parse_caption(v)
+        words = [w for o in other.objects for w in (o.shape, o.colour, o.cell)] + [other.relation]
+        want = [w for o in scene.objects for w in (o.shape, o.colour, o.cell)] + [scene.relation]
+        assert sum(a != b for a, b in zip(words, want)) == 1, v
+    assert len(D.caption_variants(caption, ("shape",))) == len(scene.objects) * 4
+    assert len(D.caption_variants(caption, ("colour", "position"))) == (5 + 8 if one else 2 * 5 + 3)
+    with pytest.raises(ValueError, match=r"attributes: expected some of .*got \['size'\]"):
+        D.caption_variants(caption, ("shape", "size"))
+    with pytest.raises(ValueError, match="caption: not in the synthetic shapes grammar"):
+        D.caption_variants("a red circle somewhere")
+
+
 @pytest.mark.parametrize("size,n", [(32, 300), (64, 300), (96, 60), (256, 20)])
 def test_checker_reads_true_renders(size, n):
     ds = D.SyntheticShapes("all", n, size, seed=11)

@@ -16,6 +16,7 @@ from conftest import DEVICE_BACKENDS
 from test_dalle_model import random_tokens, randomize_, small_config
 from tolerances import assert_close
 
+from dalle_fast import ops
 from dalle_fast.nn import DALLE, decoding
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,6 +156,80 @@ def test_rerank_orders_by_the_models_likelihood():
         decoding.rerank(m, text[0], samples.flatten(1))
 
 
+def _guided_reference(m, text, scale, steps, *, seed=None, greedy=True):
+    """Classifier-free guidance by full recomputation, fp64 logits: each step u + scale * (c - u) from the model's
+    logits after the caption (c) and after the empty caption (u); greedy (argmax) or ops.sample at the decoder's
+    offsets."""
+    b, v = text.shape[0], m.config.image_vocab
+    null = decoding.null_text(m, b, text.device)
+    codes = torch.zeros(b, 0, dtype=torch.int64, device=text.device)
+    with torch.no_grad():
+        for i in range(steps):
+            cond = m.logits(text, codes)[1][:, -1].double()
+            uncond = m.logits(null, codes)[1][:, -1].double()
+            logits = uncond + scale * (cond - uncond)
+            if greedy:
+                tok = logits.argmax(-1)
+            else:
+                tok = ops.sample(logits.float(), seed=seed, offset=i * b * v)
+            codes = torch.cat([codes, tok[:, None]], 1)
+    return codes
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_guided_greedy_decoding_equals_full_recomputation(device, backend):
+    m = make_model(device, backend)
+    c = m.config
+    text, _ = (t.to(device) for t in random_tokens(c, 3))
+    ref = _guided_reference(m, text, 2.5, c.image_len)
+    for cache in ("sparse", "none"):
+        out = m.generate(text, top_k=1, seed=0, guidance_scale=2.5, cache=cache)
+        assert torch.equal(out.flatten(1), ref), cache
+    # the scale matters: the unguided argmax differs somewhere on these random weights
+    assert not torch.equal(m.generate(text, top_k=1, seed=0).flatten(1), ref)
+
+
+def test_guided_sampling_follows_the_guided_logits():
+    """Sampled (not greedy) guided decoding draws from u + s (c - u) with the decoder's noise offsets; scale 0
+    samples the empty caption's images (the unconditional model), scale 1 is the plain decoder."""
+    m = make_model("cpu", "eager")
+    c = m.config
+    text, _ = random_tokens(c, 2)
+    for scale in (0.0, 3.0):
+        out = m.generate(text, seed=7, guidance_scale=scale)
+        assert torch.equal(out.flatten(1), _guided_reference(m, text, scale, c.image_len, seed=7, greedy=False))
+    assert torch.equal(m.generate(text, seed=7, guidance_scale=1.0), m.generate(text, seed=7))
+    null = decoding.null_text(m, 2)
+    assert torch.equal(m.generate(text, seed=7, guidance_scale=0.0), m.generate(null, seed=7))
+
+
+def test_contrastive_scorer_is_the_captions_posterior():
+    m = make_model("cpu", "cpp")
+    c = m.config
+    text, _ = random_tokens(c, 4)
+    caption, negatives = text[0], text[1:]
+    samples = m.generate(caption, num_samples=5, seed=3)
+
+    def ll(t):
+        with torch.no_grad():
+            logits = m.logits(t.expand(5, -1), samples.flatten(1)[:, :-1])[1].double()
+        return -F.cross_entropy(logits.flatten(0, 1), samples.flatten(), reduction="none").view(5, -1).sum(1)
+
+    every = torch.stack([ll(t) for t in text])  # [1 + K, S]: the caption first
+    want = every[0] - torch.logsumexp(every, 0)
+    ranked, scores = decoding.rerank(m, caption, samples, scorer=decoding.contrastive_scorer(m, negatives))
+    order = torch.argsort(want, descending=True)
+    assert_close(scores.double(), want[order], dtype=torch.float32)
+    assert torch.equal(ranked, samples[order]) and bool((scores <= 0).all())
+    # negatives from a callable of the caption's tokens
+    got = decoding.contrastive_scorer(m, lambda t: negatives if torch.equal(t, caption) else None)(
+        caption.expand(5, -1), samples
+    )
+    assert_close(got.double(), want, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"negatives: expected caption tokens \[K >= 1, 5\], got \(2, 3\)"):
+        decoding.contrastive_scorer(m, negatives[:2, :3])(caption.expand(5, -1), samples)
+
+
 def test_bad_input():
     m = make_model("cpu", "cpp")
     c = m.config
@@ -177,6 +252,9 @@ def test_bad_input():
         m.generate(text, image_prefix=image[:, :3] + c.image_vocab)
     with pytest.raises(TypeError, match="text_tokens: expected an int64 tensor"):
         m.generate([1, 2, 3])
+    for bad in (-1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match=f"guidance_scale: expected a finite number >= 0 .*got {bad!r}"):
+            m.generate(text, guidance_scale=bad)
 
 
 def test_fp16_model_decodes_with_the_cache_in_fp16():

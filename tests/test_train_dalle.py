@@ -119,10 +119,11 @@ def _state(path):
 def test_resume_makes_the_same_next_step_bit_exact(dvae, cache, tmp_path):
     # the schedule of a 6-step run; stopped after 3 steps, resumed for the 4th, against 4 steps in one go
     straight, part = tmp_path / "straight.pt", tmp_path / "part.pt"
-    run(args_for(dvae, cache, straight, "--steps", "6", "--stop-at", "4", "--bpe-dropout", "0.3"))
-    run(args_for(dvae, cache, part, "--steps", "6", "--stop-at", "3", "--bpe-dropout", "0.3"))
+    drop = ("--bpe-dropout", "0.3", "--text-dropout", "0.5")
+    run(args_for(dvae, cache, straight, "--steps", "6", "--stop-at", "4", *drop))
+    run(args_for(dvae, cache, part, "--steps", "6", "--stop-at", "3", *drop))
     assert _state(part)[3] == 3
-    res = run(args_for(dvae, cache, part, "--steps", "6", "--stop-at", "4", "--bpe-dropout", "0.3", "--resume"))
+    res = run(args_for(dvae, cache, part, "--steps", "6", "--stop-at", "4", *drop, "--resume"))
     assert res["start"] == 3
     (ma, oa, ea, sa), (mb, ob, eb, sb) = _state(straight), _state(part)
     assert sa == sb == 4
@@ -234,6 +235,17 @@ def test_planted_overflow_skips_the_step_and_backs_off_its_block(backend):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_drop_captions_replaces_whole_captions_by_the_pads():
+    text = torch.randint(0, 50, (400, 7))
+    pads = torch.arange(60, 67)
+    out = train_dalle.drop_captions(text, pads, 0.25, random.Random(3))
+    dropped = (out == pads).all(1)
+    assert torch.equal(out[~dropped], text[~dropped])  # the others untouched
+    assert 60 < int(dropped.sum()) < 140  # ~100 of 400 (binomial sd 8.7)
+    assert torch.equal(out, train_dalle.drop_captions(text, pads, 0.25, random.Random(3)))  # a function of the rng
+    assert torch.equal(train_dalle.drop_captions(text, pads, 0.0, random.Random(3)), text)
+
+
 def test_weight_decay_spares_gains_biases_and_embeddings():
     from dalle_fast.nn import DALLEConfig
 
@@ -258,6 +270,7 @@ def test_bad_input(dvae, cache, tmp_path, capsys):
 
     assert "--dvae" in error("--dvae", str(tmp_path / "missing.pt"))
     assert "--bpe-dropout" in error("--bpe-dropout", "1.5")
+    assert "--text-dropout: expected a probability in [0, 1), got 1.0" in error("--text-dropout", "1.0")
     assert "--stop-at" in error("--steps", "4", "--stop-at", "5")
     assert "--image-size" in error("--image-size", "16")
     assert "--image-size" in error("--dvae", save_tiny_dvae(tmp_path / "nosize.pt", image_size=None))

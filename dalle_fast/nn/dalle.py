@@ -422,7 +422,8 @@ class DALLE(nn.Module):
         return DALLELoss(c.text_loss_weight * text_loss + c.image_loss_weight * image_loss, text_loss, image_loss)
 
     def generate(self, text_tokens, *, num_samples=1, temperature=1.0, top_k=None, top_p=None, seed=None,
-                 image_prefix=None, progress=False, cache="sparse", cuda_graph=None, backend=None):  # fmt: skip
+                 image_prefix=None, guidance_scale=1.0, progress=False, cache="sparse", cuda_graph=None,
+                 backend=None):  # fmt: skip
         """Sample image codes for captions (dalle_fast.nn.decoding: cached, mask-aware decoding).
 
         text_tokens  int64 [B, T] (or [T]): the captions' tokens (pads included, as TextTokenizer.encode gives)
@@ -432,6 +433,10 @@ class DALLE(nn.Module):
                      torch's generator; the same seed gives the same images on a given backend
         image_prefix int64 codes [B, m] or [B, rows, W] (or without B for [T] text): given first codes (the
                      paper's image priming), m < H*W
+        guidance_scale classifier-free guidance (not in the paper): each step samples from u + s * (c - u), c and
+                     u the logits after the caption and after the empty caption (every position its pad). 1: off;
+                     > 1 follows the caption more closely. Needs a model trained with some empty captions
+                     (train_dalle --text-dropout); costs a second sequence per sample
         progress     True: a progress line on stderr; a callable(done, total): called after each token
         cache        "sparse" (default), "dense" or "none": the attention of a step (tests and benchmarks)
         cuda_graph   capture the step in a CUDA graph (default: on CUDA with the sparse cache)
@@ -441,8 +446,8 @@ class DALLE(nn.Module):
         from .decoding import generate
 
         return generate(self, text_tokens, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, image_prefix=image_prefix, progress=progress, cache=cache, cuda_graph=cuda_graph,
-                        backend=backend)  # fmt: skip
+                        seed=seed, image_prefix=image_prefix, guidance_scale=guidance_scale, progress=progress,
+                        cache=cache, cuda_graph=cuda_graph, backend=backend)  # fmt: skip
 
 
 def _describe(t) -> str:

@@ -222,7 +222,8 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 @torch.no_grad()
 def generate(model, text_tokens, *, num_samples=1, temperature=1.0, top_k=None, top_p=None, seed=None,
-             image_prefix=None, progress=False, cache="sparse", cuda_graph=None, backend=None):  # fmt: skip
+             image_prefix=None, guidance_scale=1.0, progress=False, cache="sparse", cuda_graph=None,
+             backend=None):  # fmt: skip
     """Image codes for each caption: DALLE.generate (see there)."""
     c = model.config
     if not isinstance(text_tokens, torch.Tensor):
@@ -239,6 +240,12 @@ def generate(model, text_tokens, *, num_samples=1, temperature=1.0, top_k=None, 
         or not (math.isfinite(temperature) and temperature > 0)
     ):
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if (
+        not isinstance(guidance_scale, (int, float))
+        or isinstance(guidance_scale, bool)
+        or not (math.isfinite(guidance_scale) and guidance_scale >= 0)
+    ):
+        raise ValueError(f"guidance_scale: expected a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
     if seed is None:
         seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     prefix = torch.zeros(text.shape[0], 0, dtype=torch.int64, device=text.device)
@@ -258,6 +265,10 @@ def generate(model, text_tokens, *, num_samples=1, temperature=1.0, top_k=None, 
     batch, vocab = text.shape[0], c.image_vocab
     codes = torch.empty(batch, total, dtype=torch.int64, device=text.device)
     codes[:, :m0] = prefix
+    guided = guidance_scale != 1
+    if guided:  # the unconditional half: the same images after the empty caption (every position its pad)
+        text = torch.cat([text, null_text(model, batch, text.device)])
+        prefix = prefix.repeat(2, 1)
     report = _progress(progress, total - m0)
     saved_backend = model.backend
     if backend is not None:
@@ -266,29 +277,46 @@ def generate(model, text_tokens, *, num_samples=1, temperature=1.0, top_k=None, 
         if cache == "none":  # no cache at all: every step recomputes the prefix
             dec, logits = None, model.logits(text, prefix)[1][:, -1]
         else:
-            dec = _Decoder(model, batch, cache, text.device)
+            dec = _Decoder(model, text.shape[0], cache, text.device)
             logits = dec.prefill(text, prefix)
         use_graph = (cuda_graph if cuda_graph is not None else text.device.type == "cuda") and cache == "sparse"
         graphed = None
         for i in range(m0, total):
+            if guided:
+                logits = _guide(logits, batch, guidance_scale)
             tok = ops.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                              offset=i * batch * vocab, backend=backend)  # fmt: skip
             codes[:, i] = tok
             report(i - m0)
             if i + 1 == total:
                 break
+            fed = tok.repeat(2) if guided else tok
             if cache == "none":
-                logits = model.logits(text, codes[:, : i + 1])[1][:, -1]
+                logits = model.logits(text, codes[:, : i + 1].repeat(2 if guided else 1, 1))[1][:, -1]
             elif use_graph:
                 if graphed is None:
-                    graphed = _GraphedStep(dec, batch, i, text.device)
-                logits = graphed(tok, i)
+                    graphed = _GraphedStep(dec, fed.shape[0], i, text.device)
+                logits = graphed(fed, i)
             else:
-                logits = dec.step(tok, i)
+                logits = dec.step(fed, i)
     finally:
         model.backend = saved_backend
     out = codes.view(-1, num_samples, c.grid_h, c.grid_w)
     return out[0] if single else out
+
+
+def null_text(model, batch: int = 1, device=None) -> torch.Tensor:
+    """The empty caption [batch, text_len]: the pad of every position (what training with --text-dropout shows
+    the model in place of a caption, and the unconditional half of classifier-free guidance)."""
+    c = model.config
+    return torch.arange(c.text_vocab, c.text_vocab + c.text_len, device=device).expand(batch, -1)
+
+
+def _guide(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: logits [2B, V] (conditional, then unconditional) -> u + scale * (c - u) [B, V],
+    in fp32."""
+    cond, uncond = logits[:batch].float(), logits[batch:].float()
+    return torch.lerp(uncond, cond, scale)
 
 
 def _progress(progress, total: int) -> Callable[[int], None]:
@@ -336,3 +364,28 @@ def rerank(model, text_tokens, samples, *, scorer=None):
             raise ValueError(f"scorer: expected scores of shape ({samples.shape[0]},), got {tuple(scores.shape)}")
     order = torch.argsort(scores, descending=True)
     return samples[order], scores[order]
+
+
+def contrastive_scorer(model, negatives, *, batch_size: int = 16):
+    """A scorer for rerank that uses the model as its own caption classifier (a stand-in for CLIP, whose weights
+    cannot be fetched here): score(x) = log p(x | t) - logsumexp over t' in {t} + negatives of log p(x | t'), the
+    log-posterior of the caption t among the candidates under a uniform prior. The likelihood alone prefers simple
+    images (a mostly black image is likely after any caption); this prefers images that fit their caption better
+    than they fit the others.
+
+    negatives: int64 caption tokens [K, T] (the same for every caption), or a callable(text_tokens [T]) -> [K, T]
+    (e.g. the caption with one word changed). The empty caption (null_text) is a natural negative for a model
+    trained with some empty captions (train_dalle --text-dropout)."""
+
+    def score(text, samples):
+        neg = negatives(text[0]) if callable(negatives) else negatives
+        if not isinstance(neg, torch.Tensor) or neg.dim() != 2 or neg.shape[0] < 1 or neg.shape[1] != text.shape[1]:
+            got = tuple(neg.shape) if isinstance(neg, torch.Tensor) else type(neg).__name__
+            raise ValueError(f"negatives: expected caption tokens [K >= 1, {text.shape[1]}], got {got}")
+        s, k = samples.shape[0], neg.shape[0]
+        ll = image_log_likelihood(model, text, samples, batch_size=batch_size)
+        neg = neg.to(text.device).repeat_interleave(s, 0)
+        lln = image_log_likelihood(model, neg, samples.repeat(k, 1, 1), batch_size=batch_size).view(k, s)
+        return ll - torch.logsumexp(torch.cat([ll[None], lln]), 0)
+
+    return score
