@@ -410,6 +410,9 @@ def train(args, *, stream=None) -> dict:
             for m in model.modules():  # fp32 throughout when loss scaling is off (CPU, or --amp off on CUDA)
                 if hasattr(m, "use_float16"):
                     m.use_float16 = False
+        # NHWC: a CPU training step of the default model runs ~1.2x faster with it (oneDNN's convolutions; README,
+        # "Training the dVAE"); cuDNN's fp16 convolutions prefer it too
+        model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **ADAMW)
         ema = training.EMA(model, args.ema_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
@@ -454,7 +457,9 @@ def train(args, *, stream=None) -> dict:
                     g["lr"] = s["lr"]
                 x = fetch(dataset, sampler.indices(step), int(sampler.epoch(step))).to(device, non_blocking=True)
                 seed = training.step_seed(args.seed, step, dist.rank)
-                x = add_pixel_noise(x, args.pixel_noise, seed ^ 0x5A5A5A5A)
+                x = add_pixel_noise(x, args.pixel_noise, seed ^ 0x5A5A5A5A).contiguous(
+                    memory_format=torch.channels_last
+                )
                 out = net(x, tau=s["tau"], beta=s["beta"], seed=seed, hard=args.hard)
                 optimizer.zero_grad(set_to_none=True)
                 loss = objective(out, x, args.recon, s["beta"])
