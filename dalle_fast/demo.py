@@ -5,8 +5,14 @@ in training) and measure, with the data set's attribute checker, how often the i
     python -m dalle_fast.demo --out runs/demo                  # CPU defaults, minutes
     python -m dalle_fast.demo --out runs/demo --skip-training  # evaluate the checkpoints already in runs/demo
 
+The transformer is trained with 10% empty captions (train_dalle --text-dropout 0.1) so that sampling can use
+classifier-free guidance (--guidance-scale); each caption's samples are reranked (--rerank) by the model itself:
+"contrastive" scores log p(image | caption) against the captions one word away (data.caption_variants) and the
+empty caption (nn.decoding.contrastive_scorer), "likelihood" by log p(image | caption) alone, which favours
+images with fewer objects (README, "The zero-shot demo", has the measurements).
+
 Writes OUT/dvae/dvae.pt, OUT/dalle.pt, OUT/zero_shot.png (one row per caption: the generated samples, best first
-by the model's likelihood), OUT/zero_shot.txt (the captions and what the checker read) and prints the accuracy:
+by the reranker), OUT/zero_shot.txt (the captions and what the checker read) and prints the accuracy:
   generated  the best-ranked sample of each held-out caption (data.check "all": count, shape, colour, position)
   dVAE       the dVAE's reconstruction of the true image of the same scene (what the tokens can show at best)
   true       the true render (the checker's own ceiling at this image size)
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -38,22 +45,41 @@ def _train_dalle(args, dvae_path: str) -> str:
 
     out = os.path.join(args.out, "dalle.pt")
     argv = ["--dvae", dvae_path, "--out", out, "--steps", str(args.dalle_steps), "--seed", str(args.seed),
-            "--cache-dir", os.path.join(args.out, "codes"), "--device", "cpu", *args.dalle_args.split()]  # fmt: skip
+            "--cache-dir", os.path.join(args.out, "codes"), "--device", "cpu", "--text-dropout", "0.1",
+            *args.dalle_args.split()]  # fmt: skip
     if train_dalle.main(argv) != 0:
         raise SystemExit("demo: the transformer training failed")
     return out
 
 
+RERANKERS = ("contrastive", "likelihood")
+
+
 @torch.no_grad()
-def evaluate(dalle_path: str, dvae_path: str, *, captions: int, samples: int, seed: int, top_k: int | None,
-             temperature: float, backend=None) -> dict:  # fmt: skip
-    """Generate `samples` images for each of the first `captions` held-out scenes, rank them by likelihood and
-    check the best one; the dVAE's reconstructions and the true renders of the same scenes are checked too."""
+def evaluate(
+    dalle_path: str,
+    dvae_path: str,
+    *,
+    captions: int,
+    samples: int,
+    seed: int,
+    top_k: int | None,
+    temperature: float,
+    guidance_scale: float = 1.0,
+    rerank_by: str = "contrastive",
+    backend=None,
+) -> dict:
+    """Generate `samples` images for each of the first `captions` held-out scenes, rank them (rerank_by:
+    "contrastive", nn.decoding.contrastive_scorer against the captions one word away, data.caption_variants, and
+    the empty caption; "likelihood", the model's log p(image | caption)) and check the best one; the dVAE's
+    reconstructions and the true renders of the same scenes are checked too."""
     from . import data
-    from .nn.decoding import rerank
+    from .nn.decoding import contrastive_scorer, null_text, rerank
     from .train_dalle import load_dalle
     from .train_dvae import load_dvae
 
+    if rerank_by not in RERANKERS:
+        raise ValueError(f"rerank_by: expected one of {RERANKERS}, got {rerank_by!r}")
     model, tok = load_dalle(dalle_path, backend=backend)
     vae = load_dvae(dvae_path)
     test = data.SyntheticShapes("test", captions, vae.image_size, seed=seed)
@@ -61,9 +87,19 @@ def evaluate(dalle_path: str, dvae_path: str, *, captions: int, samples: int, se
     true = torch.stack([test[i][0] for i in range(captions)])
     text = tok.encode([s.caption for s in scenes])
     t0 = time.perf_counter()
-    codes = model.generate(text, num_samples=samples, seed=seed, top_k=top_k, temperature=temperature)
+    codes = model.generate(text, num_samples=samples, seed=seed, top_k=top_k, temperature=temperature,
+                           guidance_scale=guidance_scale)  # fmt: skip
     gen_s = time.perf_counter() - t0
-    best = torch.stack([rerank(model, t, c)[0] for t, c in zip(text, codes)])  # [N, S, H, W], best first
+    t0 = time.perf_counter()
+    best = []  # [N, S, H, W], best first
+    for scene, t, c in zip(scenes, text, codes):
+        scorer = None
+        if rerank_by == "contrastive":
+            negatives = torch.cat([tok.encode(data.caption_variants(scene.caption)), null_text(model)])
+            scorer = contrastive_scorer(model, negatives)
+        best.append(rerank(model, t, c, scorer=scorer)[0])
+    best = torch.stack(best)
+    rerank_s = time.perf_counter() - t0
     images = vae.decode(best.flatten(0, 1)).view(captions, samples, 3, vae.image_size, vae.image_size)
     recon = vae.decode(vae.get_codebook_indices(true))
     checks = {
@@ -73,18 +109,25 @@ def evaluate(dalle_path: str, dvae_path: str, *, captions: int, samples: int, se
     }
     summary = {k: {a: sum(c[a] for c in v) / captions for a in v[0]} for k, v in checks.items()}
     return {"summary": summary, "checks": checks, "scenes": scenes, "images": images, "generate_s": gen_s,
-            "images_per_s": captions * samples / gen_s}  # fmt: skip
+            "rerank_s": rerank_s, "images_per_s": captions * samples / gen_s}  # fmt: skip
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dalle_fast.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--dvae-steps", type=int, default=6000, help="train_dvae --steps (its default: colour needs it)")
+    ap.add_argument("--dvae-steps", type=int, default=8000, help="train_dvae --steps (6000 or more: colour needs it)")
     ap.add_argument("--dalle-steps", type=int, default=1500)
     ap.add_argument("--dvae-args", default="", help="more train_dvae flags, e.g. '--threads 1 --image-size 32'")
     ap.add_argument("--dalle-args", default="", help="more train_dalle flags, e.g. '--layers 4 --batch-size 64'")
     ap.add_argument("--captions", type=int, default=64, help="held-out captions to generate for")
-    ap.add_argument("--samples", type=int, default=4, help="samples per caption (the best by likelihood is checked)")
+    ap.add_argument("--samples", type=int, default=16, help="samples per caption (the best by --rerank is checked)")
+    ap.add_argument(
+        "--rerank",
+        choices=RERANKERS,
+        default="contrastive",
+        help="contrastive: against the captions one word away; likelihood: log p(image | caption)",
+    )
+    ap.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance (1: off)")
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -93,6 +136,8 @@ def main(argv=None) -> int:
     for name in ("dvae_steps", "dalle_steps", "captions", "samples"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        ap.error(f"--guidance-scale: expected a finite number >= 0 (1: off), got {args.guidance_scale}")
     from . import data
 
     t0 = time.perf_counter()
@@ -103,7 +148,8 @@ def main(argv=None) -> int:
         dalle_path = _train_dalle(args, dvae_path)
     train_s = time.perf_counter() - t0
     res = evaluate(dalle_path, dvae_path, captions=args.captions, samples=args.samples, seed=args.seed,
-                   top_k=args.top_k, temperature=args.temperature)  # fmt: skip
+                   top_k=args.top_k, temperature=args.temperature, guidance_scale=args.guidance_scale,
+                   rerank_by=args.rerank)  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     grid = data.image_grid(res["images"].flatten(0, 1), ncol=args.samples)
     data.write_png(os.path.join(args.out, "zero_shot.png"), grid)
@@ -113,7 +159,8 @@ def main(argv=None) -> int:
     s = res["summary"]
     print(f"demo: training {train_s / 60:.1f} min; generation {res['images_per_s']:.2f} images/s")
     print(f"demo: {args.captions} held-out captions (colour-shape combinations never seen in training), "
-          f"{args.samples} samples each, the best by likelihood checked:")  # fmt: skip
+          f"{args.samples} samples each, the best by the {args.rerank} reranker checked "
+          f"(guidance scale {args.guidance_scale:g}):")  # fmt: skip
     for k in ("generated", "dvae", "true"):
         attrs = ", ".join(f"{a} {v:.2f}" for a, v in s[k].items() if a != "all")
         print(f"  {k:<9} all {s[k]['all']:.3f}  ({attrs})")

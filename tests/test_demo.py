@@ -28,9 +28,21 @@ def test_demo_trains_generates_and_scores(tmp_path, capsys):
     # evaluating the same checkpoints again gives the same report (seeded generation)
     assert demo.main(["--out", str(out), "--skip-training", *TOY]) == 0
     assert (out / "zero_shot.txt").read_text().splitlines() == lines
+    # the other reranker, unguided
+    assert (
+        demo.main(["--out", str(out), "--skip-training", *TOY, "--rerank", "likelihood", "--guidance-scale", "1"]) == 0
+    )
+    assert "the best by the likelihood reranker checked (guidance scale 1)" in capsys.readouterr().out.replace(
+        "\n", " "
+    )
 
 
 def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--captions", "0"])
     assert "--captions: expected an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path), "--guidance-scale", "-1"])
+    assert "--guidance-scale: expected a finite number >= 0 (1: off), got -1.0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="rerank_by: expected one of"):
+        demo.evaluate("x", "y", captions=1, samples=1, seed=0, top_k=None, temperature=1.0, rerank_by="clip")

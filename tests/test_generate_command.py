@@ -37,6 +37,24 @@ def test_generate_writes_a_grid_of_decoded_samples(checkpoint, tmp_path, capsys)
     assert torch.equal(data.read_png(again), grid)  # the same seed, the same images
 
 
+def _tiles(grid, rows, cols, size=32, pad=2):
+    return [[grid[pad + r * (size + pad) :][:size, pad + c * (size + pad) :][:, :size] for c in range(cols)]
+            for r in range(rows)]  # fmt: skip
+
+
+def test_guided_samples_and_the_contrastive_reranker(checkpoint, tmp_path):
+    """--rerank contrastive only reorders each row's samples (the same seed and guidance give the same images)."""
+    ckpt, _ = checkpoint
+    captions = ["a red circle above a blue square", "something else"]  # the second: no grammar, empty caption only
+    common = ["--checkpoint", ckpt, "--num-samples", "4", "--seed", "2", "--guidance-scale", "2", "--device", "cpu"]
+    assert generate.main([*captions, *common, "--out", str(tmp_path / "plain.png")]) == 0
+    assert generate.main([*captions, *common, "--out", str(tmp_path / "ranked.png"), "--rerank", "contrastive"]) == 0
+    plain, ranked = (_tiles(data.read_png(tmp_path / f), 2, 4) for f in ("plain.png", "ranked.png"))
+    for row_a, row_b in zip(plain, ranked):
+        key = lambda t: t.flatten().tolist()  # noqa: E731
+        assert sorted(map(key, row_a)) == sorted(map(key, row_b))
+
+
 def test_the_dvae_can_be_named_and_bad_input_is_refused(checkpoint, tmp_path, capsys):
     ckpt, dvae = checkpoint
     out = tmp_path / "one.png"
@@ -48,5 +66,8 @@ def test_the_dvae_can_be_named_and_bad_input_is_refused(checkpoint, tmp_path, ca
     with pytest.raises(SystemExit):
         generate.main(["a red circle", "--checkpoint", ckpt, "--out", str(out), "--num-samples", "0"])
     assert "--num-samples: expected an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate.main(["a red circle", "--checkpoint", ckpt, "--out", str(out), "--guidance-scale", "nan"])
+    assert "--guidance-scale: expected a finite number >= 0 (1: off), got nan" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no file"):
         generate.main(["a red circle", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)])
