@@ -19,6 +19,11 @@ path every step). On CUDA the sparse step is captured once in a CUDA graph
 (its token and position live in device tensors that each replay updates), so a step costs one graph launch
 plus the sampling kernel.
 
+Classifier-free guidance (guidance_scale s != 1; not in the paper): the batch is doubled with the empty caption
+(null_text: every text position its pad) and each step samples from u + s * (c - u), c and u the two halves'
+logits, the chosen token fed to both halves. Reranking: rerank orders one caption's samples by a scorer, by
+default the model's log-likelihood; contrastive_scorer compares it with that under other captions.
+
 Sampling noise: step i draws its Gumbel noise at element numbers offset_i + b * V + v with offset_i = i * B * V
 (B the number of sequences, V the image vocabulary): every step and sequence has its own slice of the one
 stream of seed `seed`, so the images are a pure function of (model, text, seed) on a given backend.
