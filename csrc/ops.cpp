@@ -103,6 +103,23 @@ TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
       "int kind, int text_len, int grid_h, int grid_w, int kernel, bool torus, float scale) -> Tensor");
 }
 
+// One decoding step of a whole pre-norm transformer (issue 7; dalle_fast/ops/fused_step.py), C++ CPU only:
+// x [B, d] float32, the residual stream of the token at raster position `position`. Block i (kinds[i]: -1
+// an MLP, 0 .. 3 an attention layer of that mask kind) takes params[6 i .. 6 i + 5] = norm gain, norm bias,
+// in weight, in bias, out weight, out bias (attention in = qkv, d -> 3 d; MLP in = fc, d -> hidden, GELU) and
+// eps[i]; params[6 n ..] and eps[n] are the final norm and the head (d -> V). A weight of N outputs and K inputs
+// comes packed in panels of 16 outputs, [ceil(N / 16), K, 16] (zero past N; dalle_fast/ops/fused_step.py
+// packs them). The k and v of
+// attention layer j are written into row `position` of k_caches[j], v_caches[j] ([B, Lmax, H, D], rows of
+// H * D contiguous floats), then its query attends the keys the mask allows (dense: every row up to
+// `position`, masked per key). Returns the head's logits [B, V] (float32). Inference only.
+TORCH_LIBRARY_FRAGMENT(dalle_fast, m) {
+  m.def(
+      "decode_step(Tensor x, Tensor[] params, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int position, "
+      "int[] kinds, float[] eps, int n_heads, int text_len, int grid_h, int grid_w, int kernel, bool torus, "
+      "bool dense) -> Tensor");
+}
+
 // Fused sampling (issue 7; semantics in dalle_fast/ops/sampling.py). One category per row of the last dim:
 // int64 [*logits.shape[:-1]]. z = logits / temperature (fp32); top_k 0 = none, else in [1, V]: keep z >= the
 // k-th largest; top_p 1.0 = none, else in (0, 1): keep the smallest set of the largest (after top-k) with

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -140,6 +141,295 @@ void decode_forward(const DecodeProblem& p, int64_t position, const at::Tensor& 
   });
 }
 
+// ---- decode_step: one decoding step of a whole pre-norm transformer in one call (fp32) -------------------
+//
+// At the sizes a CPU decodes (a few rows of d_model 128 .. 512) a step is dozens of small ops, and the
+// per-op costs (dispatcher, allocation, a GEMV that ATen runs at a few GFLOP/s at one row) are most of it.
+// This runs the whole step in C++ on per-call scratch buffers: per resblock the layer norm, the in
+// projection (attention: q, k, v, with k and v written into the cache at `position`; MLP: fc, then GELU), the
+// attention of q to the cache (the mask's key ranges, as above; dense: every cache row up to the position,
+// the mask applied per key, as a dense cache does), the out projection and the residual add; then the final norm and
+// the head. The products are linear_panels (weights packed in panels of 16 output columns by the caller,
+// compiled per ISA).
+
+// Eight floats as one value (GCC vector extension): accumulators of this type stay in registers, where the
+// loops over float arrays that did the same kept them on the stack. Unaligned loads and stores via memcpy.
+typedef float v8f __attribute__((vector_size(32)));
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+// y[b, n] = bias[n] + sum_k x[b, k] w[n, k] for the column panels [p0, p1) of a weight packed in panels of
+// 16 output columns, wp [P, K, 16] (zero past N): every load is contiguous and a panel (K * 64 bytes) stays in
+// cache while all input rows pass. Four input rows at a time (eight accumulators), one multiply-add chain per
+// output in ascending k; no horizontal sums (at one input row they cost more than the products).
+DF_CLONES void linear_panels(const float* __restrict__ x, int64_t B, int64_t K, const float* __restrict__ wp,
+                             const float* __restrict__ bias, int64_t N, int64_t p0, int64_t p1, float* __restrict__ y) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p * 16, nc = std::min<int64_t>(16, N - n);
+    const float* w = wp + p * K * 16;
+    float bias16[16] = {}, out[4][16];
+    std::copy_n(bias + n, nc, bias16);
+    const v8f b0 = load8(bias16), b1 = load8(bias16 + 8);
+    const auto store = [&](int64_t b, v8f lo, v8f hi) {
+      if (nc == 16) {
+        store8(y + b * N + n, lo), store8(y + b * N + n + 8, hi);
+      } else {
+        store8(out[0], lo), store8(out[0] + 8, hi);
+        std::copy_n(out[0], nc, y + b * N + n);
+      }
+    };
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) {
+      v8f a00 = b0, a01 = b1, a10 = b0, a11 = b1, a20 = b0, a21 = b1, a30 = b0, a31 = b1;
+      const float *x0 = x + b * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+      for (int64_t k = 0; k < K; ++k) {
+        const v8f w0 = load8(w + k * 16), w1 = load8(w + k * 16 + 8);
+        a00 += x0[k] * w0, a01 += x0[k] * w1;
+        a10 += x1[k] * w0, a11 += x1[k] * w1;
+        a20 += x2[k] * w0, a21 += x2[k] * w1;
+        a30 += x3[k] * w0, a31 += x3[k] * w1;
+      }
+      store(b, a00, a01), store(b + 1, a10, a11), store(b + 2, a20, a21), store(b + 3, a30, a31);
+    }
+    for (; b < B; ++b) {  // one row: two chains per half of k (the sum is split at K / 2), for latency
+      v8f a0 = b0, a1 = b1, c0 = {}, c1 = {};
+      const float* xr = x + b * K;
+      const int64_t h = K / 2;
+      for (int64_t k = 0; k < h; ++k) {
+        a0 += xr[k] * load8(w + k * 16), a1 += xr[k] * load8(w + k * 16 + 8);
+        c0 += xr[h + k] * load8(w + (h + k) * 16), c1 += xr[h + k] * load8(w + (h + k) * 16 + 8);
+      }
+      for (int64_t k = 2 * h; k < K; ++k) a0 += xr[k] * load8(w + k * 16), a1 += xr[k] * load8(w + k * 16 + 8);
+      store(b, a0 + c0, a1 + c1);
+    }
+  }
+}
+
+// y [B, N] = x [B, K] W^T + bias, W packed (linear_panels). Panels split across threads when the product
+// has at least ~64k multiply-adds per panel group.
+void linear(const float* x, int64_t B, int64_t K, const at::Tensor& wp, const at::Tensor& bias, float* y) {
+  const int64_t N = bias.numel(), panels = wp.size(0);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, 16 * B * K));
+  const float* W = wp.data_ptr<float>();
+  const float* bb = bias.data_ptr<float>();
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) { linear_panels(x, B, K, W, bb, N, begin, end, y); });
+}
+
+// Layer norm of B rows of d: y = (x - mean) / sqrt(var + eps) * gain + bias (two passes, biased variance).
+DF_CLONES void layer_norm_rows(const float* __restrict__ x, int64_t B, int64_t d, const float* __restrict__ gain,
+                               const float* __restrict__ bias, float eps, float* __restrict__ y) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * d;
+    float sum = 0.f;
+    for (int64_t i = 0; i < d; ++i) sum += xr[i];
+    const float mean = sum / static_cast<float>(d);
+    float sq = 0.f;
+    for (int64_t i = 0; i < d; ++i) sq += (xr[i] - mean) * (xr[i] - mean);
+    const float rstd = 1.f / std::sqrt(sq / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) y[b * d + i] = (xr[i] - mean) * rstd * gain[i] + bias[i];
+  }
+}
+
+// erf, |error| < 1e-7: x P(x^2) / Q(x^2) on x clamped to [-4, 4] (erf(4) = 1 in float), the rational
+// approximation Eigen and XLA use. Written once for a float and for eight (a GCC vector): the clamps of the
+// scalar form are control flow to GCC's vectoriser, the vector form's selects are not.
+template <typename T>
+inline T erf_rational(T x) {
+  T x2 = x * x;
+  T p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+  p = x2 * p - 2.10102402082508e-06f;
+  p = x2 * p - 5.69250639462346e-05f;
+  p = x2 * p - 7.34990630326855e-04f;
+  p = x2 * p - 2.95459980854025e-03f;
+  p = x2 * p - 1.60960333262415e-02f;
+  T q = x2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
+  q = x2 * q - 1.68282697438203e-03f;
+  q = x2 * q - 7.37332916720468e-03f;
+  q = x2 * q - 1.42647390514189e-02f;
+  return x * p / q;
+}
+
+// GELU (erf form, F.gelu's default) in place; NaN stays NaN.
+DF_CLONES void gelu_inplace(float* __restrict__ x, int64_t n) {
+  constexpr float kRsqrt2 = 0.70710678118654752f;
+  const v8f lo = v8f{} - 4.f, hi = v8f{} + 4.f;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f v = load8(x + i);
+    v8f t = v * kRsqrt2;
+    t = t > hi ? hi : t;
+    t = t < lo ? lo : t;
+    store8(x + i, 0.5f * v * (1.f + erf_rational(t)));
+  }
+  for (; i < n; ++i) {
+    const float t = std::min(std::max(x[i] * kRsqrt2, -4.f), 4.f);
+    x[i] = x[i] != x[i] ? x[i] : 0.5f * x[i] * (1.f + erf_rational(t));
+  }
+}
+
+// o [D]: the query q [D] of head h at raster position pos attends the cache rows of one sequence (row r of
+// head h at kc + r * ld + h * D). Sparse: the mask's key ranges; dense: every row 0 .. pos, each scored, then
+// masked per key (raster_allowed), as a dense cache does.
+void attend_cache(const MaskSpec& m, bool dense, int pos, int64_t h, int D, float scale,
+                  const float* q, const float* kc, const float* vc, int64_t ld, float* o, float* s) {
+  const float* kb = kc + h * D;
+  const float* vb = vc + h * D;
+  float acc[128];
+  std::fill(acc, acc + D, 0.f);
+  float mx = -INFINITY, l = 0.f;
+  const auto chunk = [&](int64_t key0, int64_t step, int nc, bool masked) {
+    chunk_scores(q, kb + key0 * ld, step * ld, nc, D, scale, s);
+    if (masked)
+      for (int j = 0; j < nc; ++j)
+        if (!raster_allowed(m, pos, static_cast<int>(key0 + j))) s[j] = -INFINITY;
+    float cmax = -INFINITY;
+    for (int j = 0; j < nc; ++j) cmax = std::max(cmax, s[j]);
+    const float m_new = std::max(mx, cmax);
+    const float rescale = online_softmax_rescale(mx, m_new);
+    l = l * rescale + chunk_exp(s, nc, online_softmax_shift(m_new));
+    mx = m_new;
+    chunk_update(acc, rescale, s, vb + key0 * ld, step * ld, nc, D);
+  };
+  if (dense) {
+    for (int64_t c0 = 0; c0 <= pos; c0 += kChunk) chunk(c0, 1, static_cast<int>(std::min<int64_t>(kChunk, pos + 1 - c0)), true);
+  } else {
+    const int slots = decode_slot_count(m);
+    for (int slot = 0; slot < slots; ++slot) {
+      const KeyRange r = decode_key_range(m, pos, slot);
+      for (int c0 = 0; c0 < r.count; c0 += kChunk)
+        chunk(r.start + static_cast<int64_t>(c0) * r.step, r.step, std::min(kChunk, r.count - c0), false);
+    }
+  }
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  for (int d = 0; d < D; ++d) o[d] = acc[d] * inv;
+}
+
+// w is a weight of n outputs and k inputs packed in panels of 16 outputs: [ceil(n / 16), k, 16].
+bool packed_as(const at::Tensor& w, int64_t n, int64_t k) {
+  return w.dim() == 3 && w.size(0) == (n + 15) / 16 && w.size(1) == k && w.size(2) == 16;
+}
+
+at::Tensor decode_step_cpu(const at::Tensor& x_in, at::TensorList params, at::TensorList k_caches,
+                           at::TensorList v_caches, int64_t position, at::IntArrayRef kinds, at::ArrayRef<double> eps,
+                           int64_t n_heads, int64_t text_len, int64_t grid_h, int64_t grid_w, int64_t kernel,
+                           bool torus, bool dense) {
+  constexpr const char* op = "decode_step";
+  const int64_t nb = static_cast<int64_t>(kinds.size());
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2, op,
+              ": x: expected a 2-dim float32 CPU tensor [B, d_model], got ", x_in.scalar_type(), " ", x_in.sizes(),
+              " on ", x_in.device());
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == 6 * nb + 4, op, ": params: expected 6 per block and 4 for the ",
+              "head = ", 6 * nb + 4, " tensors, got ", params.size());
+  TORCH_CHECK(static_cast<int64_t>(eps.size()) == nb + 1, op, ": eps: expected one per block and one for the head = ",
+              nb + 1, ", got ", eps.size());
+  const int64_t B = x_in.size(0), d = x_in.size(1);
+  TORCH_CHECK(n_heads >= 1 && d % n_heads == 0, op, ": n_heads: expected a divisor of d_model ", d, ", got ", n_heads);
+  const int64_t D = d / n_heads;
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, op, ": d_model / n_heads: expected a head size in (32, 64, 128), got ",
+              D);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& t = params[i];
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), op, ": params[", i,
+                "]: expected a contiguous float32 CPU tensor, got ", t.scalar_type(), " on ", t.device(),
+                t.is_contiguous() ? "" : " (not contiguous)");
+  }
+  int64_t n_attn = 0, width = 3 * d;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t kind = kinds[i];
+    TORCH_CHECK(kind >= -1 && kind <= 3, op, ": kinds[", i, "]: expected -1 (MLP) or a mask kind 0 .. 3, got ", kind);
+    const at::Tensor *g = &params[6 * i], *gb = &params[6 * i + 1], *w1 = &params[6 * i + 2],
+                     *b1 = &params[6 * i + 3], *w2 = &params[6 * i + 4], *b2 = &params[6 * i + 5];
+    const int64_t hid = kind >= 0 ? 3 * d : b1->numel();
+    TORCH_CHECK(g->numel() == d && gb->numel() == d, op, ": block ", i, ": expected norm gain and bias of ", d,
+                " elements, got ", g->numel(), " and ", gb->numel());
+    TORCH_CHECK(b1->numel() == hid && packed_as(*w1, hid, d), op, ": block ", i, ": expected an in projection of ", d,
+                " -> ", hid, " (weight packed [", (hid + 15) / 16, ", ", d, ", 16], bias [", hid, "]), got ",
+                w1->sizes(), " and ", b1->sizes());
+    const int64_t k2 = kind >= 0 ? d : hid;
+    TORCH_CHECK(b2->numel() == d && packed_as(*w2, d, k2), op, ": block ", i, ": expected an out projection of ", k2,
+                " -> ", d, " (weight packed [", (d + 15) / 16, ", ", k2, ", 16], bias [", d, "]), got ", w2->sizes(),
+                " and ", b2->sizes());
+    width = std::max(width, hid);
+    n_attn += kind >= 0;
+  }
+  const at::Tensor &hg = params[6 * nb], &hb = params[6 * nb + 1], &hw = params[6 * nb + 2], &hbias = params[6 * nb + 3];
+  TORCH_CHECK(hg.numel() == d && hb.numel() == d && packed_as(hw, hbias.numel(), d), op, ": head: expected norm gain ",
+              "and bias of ", d, " elements and a weight packed [ceil(V / 16), ", d, ", 16] for a bias [V], got ",
+              hg.sizes(), ", ", hb.sizes(), ", ", hw.sizes(), ", ", hbias.sizes());
+  TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == n_attn && static_cast<int64_t>(v_caches.size()) == n_attn, op,
+              ": k_caches, v_caches: expected one per attention block (", n_attn, "), got ", k_caches.size(), " and ",
+              v_caches.size());
+  TORCH_CHECK(text_len >= 0 && grid_h >= 1 && grid_w >= 1 && kernel >= 1 && kernel % 2 == 1, op,
+              ": text_len, grid_h, grid_w, kernel: expected text_len >= 0, a grid of at least 1 x 1 and an odd ",
+              "kernel, got ", text_len, ", ", grid_h, ", ", grid_w, ", ", kernel);
+  int64_t lmax = -1;
+  for (int64_t i = 0; i < 2 * n_attn; ++i) {
+    const at::Tensor& c = i < n_attn ? k_caches[i] : v_caches[i - n_attn];
+    const char* name = i < n_attn ? "k_caches" : "v_caches";
+    const int64_t j = i % n_attn;
+    TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kFloat && c.dim() == 4 && c.size(0) == B &&
+                    c.size(2) == n_heads && c.size(3) == D && c.stride(3) == 1 && c.stride(2) == D,
+                op, ": ", name, "[", j, "]: expected a float32 CPU tensor [B, Lmax, H, D] = [", B, ", Lmax, ", n_heads,
+                ", ", D, "] with rows of H * D contiguous floats, got ", c.scalar_type(), " ", c.sizes(), " strides ",
+                c.strides(), " on ", c.device());
+    TORCH_CHECK(lmax < 0 || c.size(1) == lmax, op, ": ", name, "[", j, "]: expected Lmax ", lmax, " like the first cache, got ",
+                c.size(1));
+    lmax = c.size(1);
+  }
+  TORCH_CHECK(lmax < 0 || lmax <= text_len + grid_h * grid_w, op, ": k_caches: expected Lmax <= text_len + grid_h * ",
+              "grid_w = ", text_len + grid_h * grid_w, ", got ", lmax);
+  TORCH_CHECK(n_attn == 0 || (position >= 0 && position < lmax), op, ": position: expected 0 <= position < Lmax = ", lmax,
+              ", got ", position);
+
+  const at::Tensor x0 = x_in.contiguous();
+  std::vector<float> xs(x0.data_ptr<float>(), x0.data_ptr<float>() + B * d), h(B * d), o(B * d), wide(B * width),
+      y(B * d);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int pos = static_cast<int>(position);
+  int64_t layer = 0;
+  for (int64_t i = 0; i < nb; ++i) {
+    const at::Tensor* p = &params[6 * i];
+    layer_norm_rows(xs.data(), B, d, p[0].data_ptr<float>(), p[1].data_ptr<float>(), static_cast<float>(eps[i]),
+                    h.data());
+    linear(h.data(), B, d, p[2], p[3], wide.data());
+    const int64_t hid = p[3].numel();
+    if (kinds[i] >= 0) {
+      const MaskSpec m{static_cast<int>(kinds[i]), static_cast<int>(text_len), static_cast<int>(grid_h),
+                       static_cast<int>(grid_w), static_cast<int>(kernel / 2), torus && kinds[i] == kMaskConv,
+                       static_cast<int>(text_len + grid_h * grid_w)};
+      const at::Tensor &kc = k_caches[layer], &vc = v_caches[layer];
+      float* K = kc.data_ptr<float>();
+      float* V = vc.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {  // the new row of every sequence's cache
+        std::copy_n(wide.data() + b * hid + d, d, K + b * kc.stride(0) + position * kc.stride(1));
+        std::copy_n(wide.data() + b * hid + 2 * d, d, V + b * vc.stride(0) + position * vc.stride(1));
+      }
+      at::parallel_for(0, B * n_heads, 8, [&](int64_t begin, int64_t end) {
+        std::vector<float> s(kChunk);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t b = t / n_heads, hh = t % n_heads;
+          attend_cache(m, dense, pos, hh, static_cast<int>(D), scale, wide.data() + b * hid + hh * D,
+                       K + b * kc.stride(0), V + b * vc.stride(0), kc.stride(1), o.data() + b * d + hh * D, s.data());
+        }
+      });
+      linear(o.data(), B, d, p[4], p[5], y.data());
+      ++layer;
+    } else {
+      gelu_inplace(wide.data(), B * hid);
+      linear(wide.data(), B, hid, p[4], p[5], y.data());
+    }
+    for (int64_t j = 0; j < B * d; ++j) xs[j] += y[j];
+  }
+  layer_norm_rows(xs.data(), B, d, hg.data_ptr<float>(), hb.data_ptr<float>(), static_cast<float>(eps[nb]), h.data());
+  at::Tensor logits = at::empty({B, hbias.numel()}, x_in.options());
+  linear(h.data(), B, d, hw, hbias, logits.data_ptr<float>());
+  return logits;
+}
+
 at::Tensor sparse_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                        const std::optional<at::Tensor>& position_tensor, int64_t position,
                                        int64_t kind, int64_t text_len, int64_t grid_h, int64_t grid_w, int64_t kernel,
@@ -170,4 +460,7 @@ at::Tensor sparse_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor&
 }  // namespace
 }  // namespace dalle_fast
 
-TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) { m.impl("sparse_decode_attention", &dalle_fast::sparse_decode_attention_cpu); }
+TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) {
+  m.impl("sparse_decode_attention", &dalle_fast::sparse_decode_attention_cpu);
+  m.impl("decode_step", &dalle_fast::decode_step_cpu);
+}

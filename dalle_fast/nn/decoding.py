@@ -17,7 +17,10 @@ cache, all L - 1 slots read with the layer's mask row applied, F.scaled_dot_prod
 dense cache does, the kind a CUDA graph needs) or "none" (no cache: the whole prefix recomputed by the training
 path every step). On CUDA the sparse step is captured once in a CUDA graph
 (its token and position live in device tensors that each replay updates), so a step costs one graph launch
-plus the sampling kernel.
+plus the sampling kernel. On the CPU in float32 (when the cpp backend serves every block) a step after the
+embedding is one call of dalle_fast.ops.decode_step, the whole stack in C++ (both cache modes; "dense" then
+reads every row up to the position with the mask applied per key): at the sizes a CPU decodes, the per-op
+costs of the op-by-op step were most of it. FUSE_CPU_STEP = False keeps the op-by-op step (benchmarks).
 
 Classifier-free guidance (guidance_scale s != 1; not in the paper): the batch is doubled with the empty caption
 (null_text: every text position its pad) and each step samples from u + s * (c - u), c and u the two halves'
@@ -42,6 +45,7 @@ from .. import ops
 from ..reference.masks import allowed
 
 CACHE_MODES = ("sparse", "dense", "none")
+FUSE_CPU_STEP = True  # the CPU float32 step as one ops.decode_step call (False: op by op, for comparisons)
 
 
 def _attention_bodies(model):
@@ -68,6 +72,7 @@ class _Decoder:
         self.nt = c.n_text_classes
         self._masks: dict[str, torch.Tensor] = {}
         self._plan = None  # bound on the first step (_bind)
+        self.fused = None  # ops.bind_decode_step's callable when the step runs as one C++ call (_bind)
 
     # -- pieces
     def _image_logits(self, h_last):
@@ -88,6 +93,8 @@ class _Decoder:
         a step calls the kernels without the per-call checks and backend choice (at batch 1 on the CPU those
         cost more than the step's small products; the prefill has already run every layer through the checked
         ops). Both cache modes share it: they differ only in the attention call."""
+        if self._bind_fused(device):
+            return
         c, plan, layer = self.c, [], 0
         for blk in self.model.blocks:
             body, dt = blk.block, blk.compute_dtype
@@ -116,6 +123,37 @@ class _Decoder:
         m = self.model
         self._head = (m.norm.normalized_shape, m.norm.weight.detach(), m.norm.bias.detach(), m.norm.eps,
                       m.head.weight.detach()[self.nt :], m.head.bias.detach()[self.nt :])  # fmt: skip
+
+    def _bind_fused(self, device) -> bool:
+        """Bind the step as one ops.decode_step call when the cpp backend would serve every op of the step
+        (CPU, float32 everywhere, no other backend asked for by a block, the context or the environment)."""
+        m = self.model
+        if not (FUSE_CPU_STEP and device.type == "cpu" and self.mode in ("sparse", "dense")):
+            return False
+        if ops.requested_backend() not in (None, "cpp"):
+            return False
+        for blk in m.blocks:
+            b = blk.block
+            asked = {getattr(b, "backend", None), b.out_proj.backend, (b.qkv if hasattr(b, "qkv") else b.fc).backend}
+            if blk.compute_dtype != torch.float32 or not asked <= {None, "cpp"}:
+                return False
+        blocks = []
+        for blk in m.blocks:
+            b = blk.block
+            inner = b.qkv if hasattr(b, "qkv") else b.fc
+            if inner.bias is None or b.out_proj.bias is None:
+                return False
+            blocks.append(ops.DecodeBlock(b.kind if hasattr(b, "qkv") else None, b.norm.weight, b.norm.bias, b.norm.eps,
+                                          inner.weight, inner.bias, b.out_proj.weight, b.out_proj.bias))  # fmt: skip
+        head = ops.DecodeHead(m.norm.weight, m.norm.bias, m.norm.eps, m.head.weight[self.nt :], m.head.bias[self.nt :])
+        c = self.c
+        kw = {"n_heads": c.n_heads, "text_len": c.text_len, "grid_size": (c.grid_h, c.grid_w),
+              "kernel": c.conv_kernel, "conv_variant": c.conv_variant, "dense": self.mode == "dense"}  # fmt: skip
+        try:  # raises when cpp cannot serve it (no extension, a head size the kernel does not take, ...)
+            self.fused = ops.bind_decode_step(blocks, head, self.k, self.v, backend="cpp", **kw)
+        except ops.BackendUnavailable:
+            return False
+        return True
 
     def _attend(self, parts, x, pos):
         """The attention body at position pos (an int or a 0-dim device tensor) for x [B, 1, d]."""
@@ -188,8 +226,10 @@ class _Decoder:
         c, m = self.c, self.model
         idx = torch.as_tensor(index, device=token.device)
         x = m.image_emb(token) + m.image_row_emb(idx // c.grid_w) + m.image_col_emb(idx % c.grid_w)
-        if self._plan is None:
+        if self._plan is None and self.fused is None:
             self._bind(token.shape[0], token.device)
+        if self.fused is not None:
+            return self.fused(x, c.text_len + int(index))
         x = self._blocks(x[:, None], c.text_len + index)[:, -1]
         shape, gain, bias, eps, w, b = self._head
         return F.linear(F.layer_norm(x, shape, gain, bias, eps), w, b)

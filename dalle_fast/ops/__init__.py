@@ -5,8 +5,10 @@ dispatch. Every function takes `backend=None | "triton" | "cuda" | "cpp" | "eage
 """
 
 from .._dispatch import BACKENDS, BackendUnavailable, use_backend
+from .._dispatch import requested_backend as _requested_backend
 from . import decode as _decode
 from . import dvae as _dvae
+from . import fused_step as _fused_step
 from . import gumbel as _gumbel
 from . import loss as _loss
 from . import matmul as _matmul
@@ -14,6 +16,7 @@ from . import sampling as _sampling
 from .attention import sparse_attention
 from .decode import bind_decode_attention, sparse_decode_attention
 from .dvae import categorical_kl_uniform, gumbel_quantize, logit_laplace_nll
+from .fused_step import DecodeBlock, DecodeHead, bind_decode_step, decode_step
 from .gumbel import gumbel_argmax, gumbel_noise, gumbel_softmax
 from .loss import linear_cross_entropy
 from .matmul import bind_linear, scale_filter, scaled_linear, scaled_matmul
@@ -26,9 +29,15 @@ _FAMILY = {
     **dict.fromkeys(("scaled_matmul", "scaled_linear", "scale_filter"), _matmul),
     # every decode kernel backend serves the same head sizes and dtypes: the device decides
     "sparse_decode_attention": _decode,
+    "decode_step": _fused_step,  # a whole decoding step of the transformer (CPU: cpp; eager everywhere)
     "sample": _sampling,  # temperature, top-k, top-p and Gumbel-max in one kernel
     "linear_cross_entropy": _loss,
 }
+
+
+def requested_backend() -> str | None:
+    """The backend named by the innermost use_backend() context or by DALLE_FAST_BACKEND (None: automatic)."""
+    return _requested_backend(None)[0]
 
 
 def available_backends(op_name: str, device) -> list[str]:
@@ -43,16 +52,21 @@ def available_backends(op_name: str, device) -> list[str]:
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "DecodeBlock",
+    "DecodeHead",
     "available_backends",
     "bind_decode_attention",
+    "bind_decode_step",
     "bind_linear",
     "categorical_kl_uniform",
+    "decode_step",
     "gumbel_argmax",
     "gumbel_noise",
     "gumbel_quantize",
     "gumbel_softmax",
     "linear_cross_entropy",
     "logit_laplace_nll",
+    "requested_backend",
     "sample",
     "scale_filter",
     "scaled_linear",

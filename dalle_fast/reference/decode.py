@@ -111,3 +111,33 @@ def sparse_decode_attention(
         s = torch.matmul(q[:, :, t : t + 1].to(math_dtype), k.transpose(-1, -2)) * scale
         out[:, :, t : t + 1] = torch.matmul(torch.softmax(s, dim=-1), v)
     return out.to(q.dtype)
+
+
+def decode_step(x, blocks, head, k_caches, v_caches, position: int, *, n_heads, text_len, grid_size, kernel=11,
+                conv_variant="clipped"):  # fmt: skip
+    """One decoding step of a pre-norm transformer, op by op (dalle_fast.ops.decode_step's eager backend; math
+    in x's dtype). x [B, d]: the residual stream of the token at raster position `position`. blocks: (kind,
+    norm_weight, norm_bias, norm_eps, in_weight, in_bias, out_weight, out_bias) each, kind a mask kind for an
+    attention layer (in = the qkv projection; k and v written into row `position` of its cache [B, Lmax, H, D],
+    then the query attends the allowed keys) or None for an MLP (in = fc, GELU). head: (norm_weight, norm_bias,
+    norm_eps, weight, bias). Returns the logits [B, V]."""
+    f = torch.nn.functional
+    b, d = x.shape
+    layer = 0
+    for kind, g, gb, eps, w_in, b_in, w_out, b_out in blocks:
+        a = f.linear(f.layer_norm(x, (d,), g, gb, eps), w_in, b_in)
+        if kind is None:
+            y = f.linear(f.gelu(a), w_out, b_out)
+        else:
+            q, k, v = a.view(b, 3, n_heads, d // n_heads).unbind(1)
+            kc, vc = k_caches[layer], v_caches[layer]
+            kc[:, position] = k
+            vc[:, position] = v
+            o = sparse_decode_attention(q[:, :, None], kc.transpose(1, 2), vc.transpose(1, 2), kind=kind,
+                                        position=position, text_len=text_len, grid_size=grid_size, kernel=kernel,
+                                        conv_variant=conv_variant)  # fmt: skip
+            y = f.linear(o.reshape(b, d), w_out, b_out)
+            layer += 1
+        x = x + y
+    g, gb, eps, w, bias = head
+    return f.linear(f.layer_norm(x, (d,), g, gb, eps), w, bias)
