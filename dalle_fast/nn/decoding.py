@@ -224,8 +224,11 @@ class _Decoder:
         """Feed image token `index` (int or 0-dim device tensor) of every sequence ([B] int64): the logits for
         image token index + 1."""
         c, m = self.c, self.model
-        idx = torch.as_tensor(index, device=token.device)
-        x = m.image_emb(token) + m.image_row_emb(idx // c.grid_w) + m.image_col_emb(idx % c.grid_w)
+        if isinstance(index, int):  # plain indexing: the embedding modules' calls cost more than a small step
+            row, col = divmod(index, c.grid_w)
+            x = m.image_emb.weight[token] + (m.image_row_emb.weight[row] + m.image_col_emb.weight[col])
+        else:  # a device tensor (the CUDA graph's step); code + (row + column), in DALLE.embed's order
+            x = m.image_emb(token) + (m.image_row_emb(index // c.grid_w) + m.image_col_emb(index % c.grid_w))
         if self._plan is None and self.fused is None:
             self._bind(token.shape[0], token.device)
         if self.fused is not None:

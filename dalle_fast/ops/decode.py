@@ -64,12 +64,12 @@ _triton_op.register_fake(_fake)
 # Validation and dispatch ---------------------------------------------------------------------------------
 
 
-def _grid(grid_size) -> tuple[int, int]:
+def _grid(grid_size, op: str = _OP) -> tuple[int, int]:
     if isinstance(grid_size, int) and not isinstance(grid_size, bool):
         return grid_size, grid_size
     if isinstance(grid_size, (tuple, list)) and len(grid_size) == 2:
         return tuple(grid_size)
-    raise ValueError(f"{_OP}: grid_size: expected an int or a pair (grid_h, grid_w), got {grid_size!r}")
+    raise ValueError(f"{op}: grid_size: expected an int or a pair (grid_h, grid_w), got {grid_size!r}")
 
 
 def _check_tensors(q, k_cache, v_cache, text_len, grid_h, grid_w) -> None:

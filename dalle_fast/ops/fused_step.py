@@ -31,6 +31,7 @@ import torch
 from .. import _extension, masks
 from .._dispatch import backend_reasons, select
 from ..reference import decode as _ref
+from .decode import _grid
 
 OPS = ("decode_step",)  # CPU only (check_registered.py asks for no CUDA kernel)
 _OP = "decode_step"
@@ -77,14 +78,6 @@ def _fake(x, params, k_caches, v_caches, position, kinds, eps, n_heads, text_len
 
 if _extension.load() is not None:  # otherwise the schema does not exist; the dispatcher reports load_error
     torch.library.register_fake(f"dalle_fast::{_OP}")(_fake)
-
-
-def _grid(grid_size) -> tuple[int, int]:
-    if isinstance(grid_size, int) and not isinstance(grid_size, bool):
-        return grid_size, grid_size
-    if isinstance(grid_size, (tuple, list)) and len(grid_size) == 2:
-        return tuple(grid_size)
-    raise ValueError(f"{_OP}: grid_size: expected an int or a pair (grid_h, grid_w), got {grid_size!r}")
 
 
 def _tensor(t, name: str, shape: tuple, dtype, device) -> torch.Tensor:
@@ -177,7 +170,7 @@ def bind_decode_step(blocks, head, k_caches, v_caches, *, n_heads, text_len, gri
     """`f(x, position) -> logits`: decode_step with the blocks, head and caches checked and resolved once, here
     (the weights detached and, for cpp, packed once: pack_weight), for a decoding loop whose steps differ in x
     and position only. The kernel still checks what it reads each call (shapes, the position's range)."""
-    grid_h, grid_w = _grid(grid_size)
+    grid_h, grid_w = _grid(grid_size, _OP)
     blocks, head, d, dtype, dev = _check(blocks, head, k_caches, v_caches, n_heads, text_len, grid_h, grid_w, kernel,
                                          conv_variant)  # fmt: skip
     chosen = select(_OP, dev, backend, _reasons(d, n_heads, dtype, dev, list(k_caches) + list(v_caches)))
