@@ -132,18 +132,17 @@ class _Decoder:
             return False
         if ops.requested_backend() not in (None, "cpp"):
             return False
-        for blk in m.blocks:
-            b = blk.block
-            asked = {getattr(b, "backend", None), b.out_proj.backend, (b.qkv if hasattr(b, "qkv") else b.fc).backend}
-            if blk.compute_dtype != torch.float32 or not asked <= {None, "cpp"}:
-                return False
         blocks = []
         for blk in m.blocks:
             b = blk.block
-            inner = b.qkv if hasattr(b, "qkv") else b.fc
+            attn = hasattr(b, "qkv")
+            inner = b.qkv if attn else b.fc
+            asked = {getattr(b, "backend", None), b.out_proj.backend, inner.backend}
+            if blk.compute_dtype != torch.float32 or not asked <= {None, "cpp"}:
+                return False
             if inner.bias is None or b.out_proj.bias is None:
                 return False
-            blocks.append(ops.DecodeBlock(b.kind if hasattr(b, "qkv") else None, b.norm.weight, b.norm.bias, b.norm.eps,
+            blocks.append(ops.DecodeBlock(b.kind if attn else None, b.norm.weight, b.norm.bias, b.norm.eps,
                                           inner.weight, inner.bias, b.out_proj.weight, b.out_proj.bias))  # fmt: skip
         head = ops.DecodeHead(m.norm.weight, m.norm.bias, m.norm.eps, m.head.weight[self.nt :], m.head.bias[self.nt :])
         c = self.c
