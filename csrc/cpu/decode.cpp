@@ -93,6 +93,37 @@ const float* rows_f32(const T* base, int64_t ld, int n, int D, float* buf, int64
   }
 }
 
+// Calls f(key0, step, n) for each chunk of at most kChunk keys of the key ranges query pos may read (the
+// text prefix, then the kind's image ranges: decode_key_range of attention.h, shared with the CUDA kernel).
+template <typename F>
+void for_each_key_chunk(const MaskSpec& m, int pos, F&& f) {
+  const int slots = decode_slot_count(m);
+  for (int slot = 0; slot < slots; ++slot) {
+    const KeyRange r = decode_key_range(m, pos, slot);
+    for (int c0 = 0; c0 < r.count; c0 += kChunk)
+      f(r.start + static_cast<int64_t>(c0) * r.step, r.step, std::min(kChunk, r.count - c0));
+  }
+}
+
+// The online softmax of one query over the chunks added: acc [D] = sum_j exp(s_j - max) v_j, l = sum_j
+// exp(s_j - max), max the running maximum (attention.h's -inf-safe rescale and shift).
+struct OnlineSoftmax {
+  float* acc;  // D floats, zeroed by the caller
+  int D;
+  float mx = -INFINITY, l = 0.f;
+  // s: the chunk's n scores (overwritten by their weights), v: its rows, leading dimension ldv.
+  void add(float* s, int n, const float* v, int64_t ldv) {
+    float cmax = -INFINITY;
+    for (int j = 0; j < n; ++j) cmax = std::max(cmax, s[j]);
+    const float m_new = std::max(mx, cmax);
+    const float rescale = online_softmax_rescale(mx, m_new);
+    l = l * rescale + chunk_exp(s, n, online_softmax_shift(m_new));
+    mx = m_new;
+    chunk_update(acc, rescale, s, v, ldv, n, D);
+  }
+  float inv_sum() const { return l > 0.f ? 1.f / l : 0.f; }  // every query sees itself: l > 0
+};
+
 template <typename T>
 void decode_forward(const DecodeProblem& p, int64_t position, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, at::Tensor& out) {
@@ -101,7 +132,6 @@ void decode_forward(const DecodeProblem& p, int64_t position, const at::Tensor& 
   const T* V = v.data_ptr<T>();
   T* O = out.data_ptr<T>();  // [B, n, H, D] contiguous
   const int D = static_cast<int>(p.D);
-  const int slots = decode_slot_count(p.m);
   const int64_t tasks = p.B * p.H * p.n;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(D), acc(D), s(kChunk), kbuf(kChunk * D), vbuf(kChunk * D);
@@ -113,28 +143,15 @@ void decode_forward(const DecodeProblem& p, int64_t position, const at::Tensor& 
       const T* kb = K + b * k.stride(0) + h * k.stride(1);
       const T* vb = V + b * v.stride(0) + h * v.stride(1);
       std::fill(acc.begin(), acc.end(), 0.f);
-      float mx = -INFINITY, l = 0.f;
-      for (int slot = 0; slot < slots; ++slot) {
-        const KeyRange r = decode_key_range(p.m, pos, slot);
-        const int64_t ldk = r.step * k.stride(2), ldv = r.step * v.stride(2);
-        for (int c0 = 0; c0 < r.count; c0 += kChunk) {
-          const int nc = std::min(kChunk, r.count - c0);
-          const int64_t key0 = r.start + static_cast<int64_t>(c0) * r.step;
-          int64_t lk, lv;
-          const float* kr = rows_f32(kb + key0 * k.stride(2), ldk, nc, D, kbuf.data(), &lk);
-          chunk_scores(qf.data(), kr, lk, nc, D, p.scale, s.data());
-          float cmax = -INFINITY;
-          for (int j = 0; j < nc; ++j) cmax = std::max(cmax, s[j]);
-          const float m_new = std::max(mx, cmax);
-          const float rescale = online_softmax_rescale(mx, m_new);
-          const float sum = chunk_exp(s.data(), nc, online_softmax_shift(m_new));
-          l = l * rescale + sum;
-          mx = m_new;
-          const float* vr = rows_f32(vb + key0 * v.stride(2), ldv, nc, D, vbuf.data(), &lv);
-          chunk_update(acc.data(), rescale, s.data(), vr, lv, nc, D);
-        }
-      }
-      const float inv = l > 0.f ? 1.f / l : 0.f;  // every query sees itself: l > 0
+      OnlineSoftmax sm{acc.data(), D};
+      for_each_key_chunk(p.m, pos, [&](int64_t key0, int64_t step, int nc) {
+        int64_t lk, lv;
+        const float* kr = rows_f32(kb + key0 * k.stride(2), step * k.stride(2), nc, D, kbuf.data(), &lk);
+        chunk_scores(qf.data(), kr, lk, nc, D, p.scale, s.data());
+        const float* vr = rows_f32(vb + key0 * v.stride(2), step * v.stride(2), nc, D, vbuf.data(), &lv);
+        sm.add(s.data(), nc, vr, lv);
+      });
+      const float inv = sm.inv_sum();
       T* orow = O + ((b * p.n + t) * p.H + h) * D;
       for (int d = 0; d < D; ++d) orow[d] = from_f32<T>(acc[d] * inv);
     }
@@ -280,31 +297,22 @@ void attend_cache(const MaskSpec& m, bool dense, int pos, int64_t h, int D, floa
   const float* vb = vc + h * D;
   float acc[128];
   std::fill(acc, acc + D, 0.f);
-  float mx = -INFINITY, l = 0.f;
-  const auto chunk = [&](int64_t key0, int64_t step, int nc, bool masked) {
-    chunk_scores(q, kb + key0 * ld, step * ld, nc, D, scale, s);
-    if (masked)
+  OnlineSoftmax sm{acc, D};
+  if (dense) {
+    for (int64_t key0 = 0; key0 <= pos; key0 += kChunk) {
+      const int nc = static_cast<int>(std::min<int64_t>(kChunk, pos + 1 - key0));
+      chunk_scores(q, kb + key0 * ld, ld, nc, D, scale, s);
       for (int j = 0; j < nc; ++j)
         if (!raster_allowed(m, pos, static_cast<int>(key0 + j))) s[j] = -INFINITY;
-    float cmax = -INFINITY;
-    for (int j = 0; j < nc; ++j) cmax = std::max(cmax, s[j]);
-    const float m_new = std::max(mx, cmax);
-    const float rescale = online_softmax_rescale(mx, m_new);
-    l = l * rescale + chunk_exp(s, nc, online_softmax_shift(m_new));
-    mx = m_new;
-    chunk_update(acc, rescale, s, vb + key0 * ld, step * ld, nc, D);
-  };
-  if (dense) {
-    for (int64_t c0 = 0; c0 <= pos; c0 += kChunk) chunk(c0, 1, static_cast<int>(std::min<int64_t>(kChunk, pos + 1 - c0)), true);
-  } else {
-    const int slots = decode_slot_count(m);
-    for (int slot = 0; slot < slots; ++slot) {
-      const KeyRange r = decode_key_range(m, pos, slot);
-      for (int c0 = 0; c0 < r.count; c0 += kChunk)
-        chunk(r.start + static_cast<int64_t>(c0) * r.step, r.step, std::min(kChunk, r.count - c0), false);
+      sm.add(s, nc, vb + key0 * ld, ld);
     }
+  } else {
+    for_each_key_chunk(m, pos, [&](int64_t key0, int64_t step, int nc) {
+      chunk_scores(q, kb + key0 * ld, step * ld, nc, D, scale, s);
+      sm.add(s, nc, vb + key0 * ld, step * ld);
+    });
   }
-  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const float inv = sm.inv_sum();
   for (int d = 0; d < D; ++d) o[d] = acc[d] * inv;
 }
 
