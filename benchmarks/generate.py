@@ -31,7 +31,7 @@ from . import harness
 
 FAMILY = "generate"
 PEERS = (("dense-cache", "dense", "dense"), ("no-cache", "nocache", "none"))
-CPU_PEERS = PEERS + (("op-by-op", "opbyop", "sparse"),)
+CPU_PEERS = PEERS + (("op-by-op", "opbyop", "op-by-op"),)
 GPU_BACKENDS = ("cuda", "triton")
 CPU_BACKENDS = ("cpp",)
 GOALS = {"cpu": {"nocache": 3.0, "dense": 1.5}, "cuda": {"dense": 2.0}}

@@ -591,19 +591,23 @@ def summary_text(doc: dict) -> str:
     ]
     lines += [f"note: {n}" for n in doc["notes"]]
     gpu = m["kind"] == "gpu"
-    (_, key1, label1), (_, key2, label2) = (peers + [(None, None, "-")] * 2)[:2]
+    key1, label1 = (peers[0][1], peers[0][2]) if peers else (None, "-")
+    vs_w = [max(9, len(label) + 5) for _, _, label in peers]  # one speed-up column per peer
+    variants = [",".join(f"{k}={v}" for k, v in r["variant"].items() if k != "tau") for r in doc["records"]]
+    var_w = max([18] + [len(v) + 2 for v in variants])
     tiles = any("tflops_computed" in r for r in doc["records"])  # sparse attention: work on computed tiles
     hdr = (
-        f"{'op':<17}{'variant':<18}{'dtype':<9}{'shape':<18}{'mode':<8}{'backend':<14}{'median':>10}"
-        f"{'GB/s':>9}{'TFLOP/s':>9}{'vs ' + label1:>9}{'vs ' + label2:>8}{'mem':>9}{'mem/' + label1:>10}"
+        f"{'op':<17}{'variant':<{var_w}}{'dtype':<9}{'shape':<18}{'mode':<8}{'backend':<14}{'median':>10}"
+        f"{'GB/s':>9}{'TFLOP/s':>9}"
+        + "".join(f"{'vs ' + label:>{w}}" for (_, _, label), w in zip(peers, vs_w))
+        + f"{'mem':>9}{'mem/' + label1:>10}"
         + (f"{'%copy':>7}" if gpu else f"{'mem(rss)':>10}")
         + (f"{'TF/s tiles':>11}{'tiles':>7}" if tiles else "")
     )
     lines += ["", hdr, "-" * len(hdr)]
-    for r in doc["records"]:
-        variant = ",".join(f"{k}={v}" for k, v in r["variant"].items() if k != "tau")
+    for r, variant in zip(doc["records"], variants):
         head = (
-            f"{r['op']:<17}{variant:<18}{r['dtype']:<9}{'x'.join(map(str, r['shape'])):<18}{r['mode']:<8}"
+            f"{r['op']:<17}{variant:<{var_w}}{r['dtype']:<9}{'x'.join(map(str, r['shape'])):<18}{r['mode']:<8}"
             f"{r['backend']:<14}"
         )
         if r.get("status") != "ok":
@@ -619,10 +623,11 @@ def summary_text(doc: dict) -> str:
         if tiles:
             tail += f"{_fmt(r.get('tflops_computed'), '.3g'):>11}{_fmt(r.get('computed_fraction'), '.0%'):>7}"
         lines.append(
-            head + f"{t:>10}{r['gbps']:>9.1f}{r['tflops']:>9.3g}"
-            f"{_fmt(r.get(f'speedup_vs_{key1}'), '.2f', 'x'):>9}"
-            f"{_fmt(r.get(f'speedup_vs_{key2}'), '.2f', 'x'):>8}{_fmt_bytes(r.get('peak_extra_bytes')):>9}"
-            f"{_fmt(r.get(f'memory_vs_{key1}'), '.2f', 'x'):>10}" + tail
+            head
+            + f"{t:>10}{r['gbps']:>9.1f}{r['tflops']:>9.3g}"
+            + "".join(f"{_fmt(r.get(f'speedup_vs_{key}'), '.2f', 'x'):>{w}}" for (_, key, _), w in zip(peers, vs_w))
+            + f"{_fmt_bytes(r.get('peak_extra_bytes')):>9}{_fmt(r.get(f'memory_vs_{key1}'), '.2f', 'x'):>10}"
+            + tail
         )
     if doc["goals"]:
         lines += ["", "goals:"]
