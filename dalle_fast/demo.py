@@ -7,9 +7,10 @@ in training) and measure, with the data set's attribute checker, how often the i
 
 The transformer is trained with 10% empty captions (train_dalle --text-dropout 0.1) so that sampling can use
 classifier-free guidance (--guidance-scale); each caption's samples are reranked (--rerank) by the model itself:
-"contrastive" scores log p(image | caption) against the captions one word away (data.caption_variants) and the
-empty caption (nn.decoding.contrastive_scorer), "likelihood" by log p(image | caption) alone, which favours
-images with fewer objects (README, "The zero-shot demo", has the measurements).
+"likelihood" by log p(image | caption) (the default: with guidance the best or equal in every measurement), or
+"contrastive", log p(image | caption) against the captions one word away (data.caption_variants) and the empty
+caption (nn.decoding.contrastive_scorer), which helps unguided sampling, where the likelihood alone favours images
+with fewer objects (README, "The zero-shot demo", has the measurements).
 
 Writes OUT/dvae/dvae.pt, OUT/dalle.pt, OUT/zero_shot.png (one row per caption: the generated samples, best first
 by the reranker), OUT/zero_shot.txt (the captions and what the checker read) and prints the accuracy:
@@ -124,8 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--rerank",
         choices=RERANKERS,
-        default="contrastive",
-        help="contrastive: against the captions one word away; likelihood: log p(image | caption)",
+        default="likelihood",
+        help="likelihood: log p(image | caption); contrastive: against the captions one word away",
     )
     ap.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance (1: off)")
     ap.add_argument("--top-k", type=int, default=None)

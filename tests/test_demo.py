@@ -28,11 +28,14 @@ def test_demo_trains_generates_and_scores(tmp_path, capsys):
     # evaluating the same checkpoints again gives the same report (seeded generation)
     assert demo.main(["--out", str(out), "--skip-training", *TOY]) == 0
     assert (out / "zero_shot.txt").read_text().splitlines() == lines
+    assert "the best by the likelihood reranker checked (guidance scale 2)" in capsys.readouterr().out.replace(
+        "\n", " "
+    )
     # the other reranker, unguided
     assert (
-        demo.main(["--out", str(out), "--skip-training", *TOY, "--rerank", "likelihood", "--guidance-scale", "1"]) == 0
+        demo.main(["--out", str(out), "--skip-training", *TOY, "--rerank", "contrastive", "--guidance-scale", "1"]) == 0
     )
-    assert "the best by the likelihood reranker checked (guidance scale 1)" in capsys.readouterr().out.replace(
+    assert "the best by the contrastive reranker checked (guidance scale 1)" in capsys.readouterr().out.replace(
         "\n", " "
     )
 
