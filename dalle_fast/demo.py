@@ -7,10 +7,10 @@ in training) and measure, with the data set's attribute checker, how often the i
 
 The transformer is trained with 10% empty captions (train_dalle --text-dropout 0.1) so that sampling can use
 classifier-free guidance (--guidance-scale); each caption's samples are reranked (--rerank) by the model itself:
-"likelihood" by log p(image | caption) (the default: with guidance the best or equal in every measurement), or
-"contrastive", log p(image | caption) against the captions one word away (data.caption_variants) and the empty
-caption (nn.decoding.contrastive_scorer), which helps unguided sampling, where the likelihood alone favours images
-with fewer objects (README, "The zero-shot demo", has the measurements).
+"likelihood" by log p(image | caption) (the default: with guidance, better on longer-trained models and equal
+within noise on the defaults'), or "contrastive", log p(image | caption) against the captions one word away
+(data.caption_variants) and the empty caption (nn.decoding.contrastive_scorer), which helps unguided sampling,
+where the likelihood alone favours images with fewer objects (README, "The zero-shot demo", has the measurements).
 
 Writes OUT/dvae/dvae.pt, OUT/dalle.pt, OUT/zero_shot.png (one row per caption: the generated samples, best first
 by the reranker), OUT/zero_shot.txt (the captions and what the checker read) and prints the accuracy:
