@@ -7,7 +7,8 @@
 // acc = alpha acc + sum p v. Only the allowed keys are read; rows of the caches past the last query are never
 // touched. fp32 rows are read in place (a range's rows are evenly spaced: its step times the row stride is the
 // leading dimension); fp16 / bf16 rows are converted to fp32 into a per-task buffer first. The dot products
-// and row updates are plain loops compiled for AVX-512, AVX2 and baseline (target_clones).
+// (eight keys at a time) and row updates are written on GCC's eight-float vectors and compiled for AVX-512,
+// AVX2 and baseline (target_clones).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,43 +30,63 @@ namespace {
 
 constexpr int kChunk = 64;  // keys per chunk of the online softmax
 
-// s[j] = alpha * q . k_j for n rows k_j = k + j * ldk. Each dot product is 16 lane partial sums (fmas over
-// d = u, u + 16, ..., in ascending order) added in lane order at the end: the lane loops vectorise (a single
-// fma chain would not, without reassociation), and four keys at a time keep four chains in flight.
+// Eight floats as one value (GCC vector extension): accumulators of this type stay in registers, where the
+// loops over float arrays that did the same kept them on the stack. Unaligned loads and stores via memcpy.
+typedef float v8f __attribute__((vector_size(32)));
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+// Lanes [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7] (lane i of a is ai).
+inline v8f pair_sums(v8f a, v8f b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+// The lane sums of eight vectors as one vector (lane r: the sum of a[r]'s lanes), a fixed tree of adds.
+inline v8f lane_sums(const v8f (&a)[8]) {
+  const v8f lo = pair_sums(pair_sums(a[0], a[1]), pair_sums(a[2], a[3]));  // [a0..a3 lanes 0-3, a0..a3 lanes 4-7]
+  const v8f hi = pair_sums(pair_sums(a[4], a[5]), pair_sums(a[6], a[7]));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// s[j] = alpha * q . k_j for n rows k_j = k + j * ldk, D a multiple of 32 (the head sizes 32, 64, 128 that
+// ops/decode.py admits). Eight keys at a time: one accumulator of eight lanes per key (d = u, u + 8, ...; the
+// last group of a chunk repeats its last row so that the loop is always eight wide), then the eight lane sums
+// as one vector (lane_sums: a tree of shuffles, where a sum per key would be a chain of scalar adds).
 DF_CLONES void chunk_scores(const float* __restrict__ q, const float* __restrict__ k, int64_t ldk, int n, int D,
                             float alpha, float* __restrict__ s) {
-  constexpr int kLanes = 16, kKeys = 4;
-  int j = 0;
-  for (; j + kKeys <= n; j += kKeys) {
-    float part[kKeys][kLanes] = {};
-    for (int d0 = 0; d0 < D; d0 += kLanes)
-      for (int r = 0; r < kKeys; ++r)
-        for (int u = 0; u < kLanes; ++u) part[r][u] = std::fma(q[d0 + u], k[(j + r) * ldk + d0 + u], part[r][u]);
-    for (int r = 0; r < kKeys; ++r) {
-      float acc = 0.f;
-      for (int u = 0; u < kLanes; ++u) acc += part[r][u];
-      s[j + r] = acc * alpha;
+  for (int j = 0; j < n; j += 8) {
+    const float* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = k + std::min(j + r, n - 1) * ldk;
+    v8f a[8] = {};
+    for (int d = 0; d < D; d += 8) {
+      const v8f qd = load8(q + d);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) a[r] += qd * load8(rows[r] + d);
     }
-  }
-  for (; j < n; ++j) {
-    float part[kLanes] = {};
-    for (int d0 = 0; d0 < D; d0 += kLanes)
-      for (int u = 0; u < kLanes; ++u) part[u] = std::fma(q[d0 + u], k[j * ldk + d0 + u], part[u]);
-    float acc = 0.f;
-    for (int u = 0; u < kLanes; ++u) acc += part[u];
-    s[j] = acc * alpha;
+    float sums[8];
+    store8(sums, lane_sums(a));
+    for (int r = 0; r < std::min(8, n - j); ++r) s[j + r] = sums[r] * alpha;
   }
 }
 
-// acc = rescale * acc + sum_j p[j] v_j for n rows v_j = v + j * ldv.
+// acc = rescale * acc + sum_j p[j] v_j for n rows v_j = v + j * ldv, D a multiple of 32: 32 columns at a time
+// in registers over all rows, each column's sum in ascending j.
 DF_CLONES void chunk_update(float* __restrict__ acc, float rescale, const float* __restrict__ p,
                             const float* __restrict__ v, int64_t ldv, int n, int D) {
-  if (rescale != 1.f)
-    for (int d = 0; d < D; ++d) acc[d] *= rescale;
-  for (int j = 0; j < n; ++j) {
-    const float pj = p[j];
-    const float* vr = v + j * ldv;
-    for (int d = 0; d < D; ++d) acc[d] = std::fma(pj, vr[d], acc[d]);
+  const v8f r = {rescale, rescale, rescale, rescale, rescale, rescale, rescale, rescale};
+  for (int d = 0; d < D; d += 32) {
+    v8f a0 = r * load8(acc + d), a1 = r * load8(acc + d + 8), a2 = r * load8(acc + d + 16), a3 = r * load8(acc + d + 24);
+    for (int j = 0; j < n; ++j) {
+      const float pj = p[j];
+      const float* vr = v + j * ldv + d;
+      a0 += pj * load8(vr), a1 += pj * load8(vr + 8), a2 += pj * load8(vr + 16), a3 += pj * load8(vr + 24);
+    }
+    store8(acc + d, a0), store8(acc + d + 8, a1), store8(acc + d + 16, a2), store8(acc + d + 24, a3);
   }
 }
 
@@ -168,16 +189,6 @@ void decode_forward(const DecodeProblem& p, int64_t position, const at::Tensor& 
 // the mask applied per key, as a dense cache does), the out projection and the residual add; then the final norm and
 // the head. The products are linear_panels (weights packed in panels of 16 output columns by the caller,
 // compiled per ISA).
-
-// Eight floats as one value (GCC vector extension): accumulators of this type stay in registers, where the
-// loops over float arrays that did the same kept them on the stack. Unaligned loads and stores via memcpy.
-typedef float v8f __attribute__((vector_size(32)));
-inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
 
 // y[b, n] = bias[n] + sum_k x[b, k] w[n, k] for the column panels [p0, p1) of a weight packed in panels of
 // 16 output columns, wp [P, K, 16] (zero past N): every load is contiguous and a panel (K * 64 bytes) stays in
