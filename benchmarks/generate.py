@@ -10,8 +10,12 @@ prefix's one pass, alike for every cache mode, would be most of a call at L = 12
 Backends: ours (the sparse cache, per kernel backend of the device: cpp on CPU; cuda and triton on GPU, where
 the step runs as a CUDA graph) and the peers, measured side by side:
     dense-cache   the same cache and model, each step attending to all L - 1 cache slots with the layer's
-                  mask row applied (F.scaled_dot_product_attention, boolean mask): a static dense cache, as
-                  known implementations do (op by op on GPU: no CUDA graph)
+                  mask row applied (F.scaled_dot_product_attention, boolean mask): a static dense cache (op by
+                  op on GPU: no CUDA graph); on the CPU our fused step with dense attention, the strict peer
+    pytorch-dense the dense cache as known implementations decode, in plain PyTorch (plain_dense_generate): the
+                  same weights, F.linear / F.layer_norm / F.gelu op by op, SDPA over the whole cache under the
+                  mask row, the head over the whole vocabulary (text classes then masked) and sampling in several
+                  passes (softmax, torch.multinomial)
     no-cache      no cache: each step recomputes the whole prefix with the training path (model.logits);
                   skipped at L = 1280 (a thousand forward passes over up to 1280 positions: minutes a call)
     op-by-op      (CPU) the sparse cache with the step run op by op (nn.decoding.FUSE_CPU_STEP = False) instead of
@@ -30,11 +34,16 @@ import torch
 from . import harness
 
 FAMILY = "generate"
-PEERS = (("dense-cache", "dense", "dense"), ("no-cache", "nocache", "none"))
+PEERS = (("dense-cache", "dense", "dense"), ("no-cache", "nocache", "none"), ("pytorch-dense", "pytorch", "pytorch"))
 CPU_PEERS = PEERS + (("op-by-op", "opbyop", "op-by-op"),)
 GPU_BACKENDS = ("cuda", "triton")
 CPU_BACKENDS = ("cpp",)
-GOALS = {"cpu": {"nocache": 3.0, "dense": 1.5}, "cuda": {"dense": 2.0}}
+GOALS = {"cpu": {"nocache": 3.0, "dense": 1.5, "pytorch": 1.5}, "cuda": {"dense": 2.0, "pytorch": 2.0}}
+PEER_WORDS = {
+    "nocache": "no cache",
+    "dense": "a dense cache (ours, dense attention)",
+    "pytorch": "a dense cache in plain PyTorch (known implementations)",
+}
 _models: dict[tuple, object] = {}
 
 
@@ -90,6 +99,8 @@ def make_case(c: dict, backend: str, device: torch.device):
         cfg = model.config
         gen = torch.Generator().manual_seed(1)
         text = torch.randint(0, cfg.text_vocab, (c["batch"], cfg.text_len), generator=gen).to(device)
+        if backend == "pytorch-dense":
+            return plain_dense_generate(model, text, seed=0)
         if backend == "op-by-op":
             from dalle_fast.nn import decoding
 
@@ -108,6 +119,75 @@ def make_case(c: dict, backend: str, device: torch.device):
 
 
 PEER_CACHE = {"dense-cache": "dense", "no-cache": "none"}
+
+
+def plain_dense_generate(model, text: torch.Tensor, *, seed: int):
+    """A callable that decodes whole images for text [B, T] the way known implementations do, in plain PyTorch:
+    the text in one pass, then per image token every resblock op by op (F.layer_norm, F.linear, F.gelu; weights
+    cast once to the model's compute dtype) with a static K/V cache of every position, attention over the whole
+    cache under the layer's mask row (F.scaled_dot_product_attention), the head over the whole vocabulary with
+    the text classes set to -inf, and sampling in several passes (softmax, torch.multinomial)."""
+    import torch.nn.functional as F
+
+    from dalle_fast.reference.masks import allowed
+
+    c, dev = model.config, text.device
+    b, nt, lmax = text.shape[0], c.n_text_classes, c.text_len + c.image_len - 1
+    pos = torch.arange(lmax, device=dev)
+    masks = {}
+    blocks = []
+    for blk in model.blocks:
+        body, dt = blk.block, blk.compute_dtype
+        norm = (body.norm.normalized_shape, body.norm.weight.detach().to(dt), body.norm.bias.detach().to(dt),
+                body.norm.eps)  # fmt: skip
+        if hasattr(body, "qkv"):
+            if body.kind not in masks:
+                masks[body.kind] = allowed(body.kind, c.text_len, c.grid_h, c.grid_w, pos[:, None], pos[None, :],
+                                           kernel=c.conv_kernel, conv_variant=c.conv_variant)  # fmt: skip
+            inner = body.qkv
+        else:
+            inner = body.fc
+        w = [t.detach().to(dt) for t in (inner.weight, inner.bias, body.out_proj.weight, body.out_proj.bias)]
+        blocks.append((body.kind if hasattr(body, "qkv") else None, dt, norm, w))
+    head = (model.norm.normalized_shape, model.norm.weight.detach(), model.norm.bias.detach(), model.norm.eps)
+
+    def run(x, p0, k, v):  # x [B, n, d] fp32 at positions p0 .. p0 + n - 1
+        n, layer = x.shape[1], 0
+        for kind, dt, norm, (w1, b1, w2, b2) in blocks:
+            h = F.layer_norm(x.to(dt), *norm)
+            if kind is not None:
+                q, kk, vv = F.linear(h, w1, b1).view(b, n, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4)
+                k[layer][:, :, p0 : p0 + n], v[layer][:, :, p0 : p0 + n] = kk, vv
+                o = F.scaled_dot_product_attention(q, k[layer], v[layer], attn_mask=masks[kind][p0 : p0 + n])
+                y = F.linear(o.transpose(1, 2).reshape(b, n, c.d_model), w2, b2)
+                layer += 1
+            else:
+                y = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+            x = x + y.float()
+        return x
+
+    @torch.no_grad()
+    def generate():
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        n_attn = sum(kind is not None for kind, *_ in blocks)
+        shape = (b, c.n_heads, lmax, c.head_dim)
+        dt = model.compute_dtype
+        k = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(n_attn)]
+        v = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(n_attn)]
+        x = run(model.embed(text, text.new_zeros(b, 0)), 0, k, v)[:, -1:]
+        codes = []
+        for i in range(c.image_len):
+            logits = F.linear(F.layer_norm(x[:, -1], *head), model.head.weight, model.head.bias)
+            logits[:, :nt] = float("-inf")
+            tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0] - nt
+            codes.append(tok)
+            if i + 1 < c.image_len:
+                row, col = divmod(i, c.grid_w)
+                e = model.image_emb(tok) + model.image_row_emb.weight[row] + model.image_col_emb.weight[col]
+                x = run(e[:, None], c.text_len + i, k, v)
+        return torch.stack(codes, 1)
+
+    return generate
 
 
 def run_case(suite: harness.Suite, c: dict) -> list[dict]:
@@ -139,7 +219,7 @@ def goals(records: list[dict], kind: str) -> list[dict]:
             mine = [r for r in ok if r["backend"] == b and (kind == "cpu" or r["shape"][0] == 16)
                     and r["variant"]["preset"] != "tiny-paper-layout"]  # fmt: skip
             sp = [r[f"speedup_vs_{key}"] for r in mine if f"speedup_vs_{key}" in r]
-            peer = "a dense cache" if key == "dense" else "no cache"
+            peer = PEER_WORDS[key]
             rows.append({
                 "goal": f"{b} sparse cache images/s vs {peer}" + ("" if kind == "cpu" else " (batch 16)"),
                 "measured": f"{min(sp):.2f}x" if sp else "n/a",
