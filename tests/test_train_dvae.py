@@ -76,13 +76,22 @@ def test_short_run_learns_and_uses_more_codes(tmp_path):
     assert (out / "recon_000060.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resume_is_bit_exact(tmp_path):
-    common = ["--steps", "6", "--batch-size", "4", "--ckpt-every", "0", "--grid-every", "0", "--pixel-noise", "0.05"]
+@pytest.mark.parametrize(
+    "phases, cut",
+    [
+        (["--steps", "6"], 3),
+        (["--steps", "3", "--decoder-steps", "3"], 2),
+        (["--steps", "3", "--decoder-steps", "3"], 4),
+    ],
+    ids=["elb", "cut-before-decoder-steps", "cut-in-decoder-steps"],
+)
+def test_resume_is_bit_exact(tmp_path, phases, cut):
+    common = [*phases, "--batch-size", "4", "--ckpt-every", "0", "--grid-every", "0", "--pixel-noise", "0.05"]
     whole = T.train(args_for(tmp_path, *common, name="whole"), stream=open(os.devnull, "w"))
-    part = T.train(args_for(tmp_path, *common, "--stop-after", "3", name="cut"), stream=open(os.devnull, "w"))
-    assert part["step"] == 3
+    part = T.train(args_for(tmp_path, *common, "--stop-after", str(cut), name="cut"), stream=open(os.devnull, "w"))
+    assert part["step"] == cut
     mid = training.load_checkpoint(tmp_path / "cut" / "dvae.pt")
-    assert mid["step"] == 3
+    assert mid["step"] == cut
     resumed = T.train(args_for(tmp_path, *common, "--resume", "auto", name="cut"), stream=open(os.devnull, "w"))
     assert resumed["step"] == 6
     a = training.load_checkpoint(tmp_path / "whole" / "dvae.pt")
@@ -92,7 +101,41 @@ def test_resume_is_bit_exact(tmp_path):
         assert_same_tensors(a[key], b[key], key)
     assert_same_tensors(params(whole["model"]), params(resumed["model"]), "live model")
     # the losses of the resumed steps are the uninterrupted run's
-    assert [r["loss"] for r in whole["history"][3:]] == [r["loss"] for r in resumed["history"]]
+    assert [r["loss"] for r in whole["history"][cut:]] == [r["loss"] for r in resumed["history"]]
+
+
+def test_decoder_steps_fit_the_decoder_to_fixed_codes(tmp_path):
+    common = ["--steps", "6", "--batch-size", "8", "--ckpt-every", "0", "--grid-every", "0", "--pixel-noise", "0.05"]
+    elb = T.train(args_for(tmp_path, *common, name="elb"), stream=open(os.devnull, "w"))
+    both = T.train(args_for(tmp_path, *common, "--decoder-steps", "30", "--decoder-lr", "3e-3", name="both"),
+                   stream=open(os.devnull, "w"))  # fmt: skip
+    h = both["history"]
+    assert both["step"] == 36 and len(h) == 36
+    assert [r["loss"] for r in h[:6]] == [r["loss"] for r in elb["history"]]  # the ELB steps are unchanged
+    assert not any(r.get("decoder") for r in h[:6]) and all(r["decoder"] for r in h[6:])
+    assert h[6]["lr"] == pytest.approx(3e-3) and h[-1]["lr"] == pytest.approx(training.cosine(29, 30, 3e-3, 3e-3 / 20))
+    a = training.load_checkpoint(tmp_path / "elb" / "dvae.pt")
+    b = training.load_checkpoint(tmp_path / "both" / "dvae.pt")
+    enc = [k for k in a["model"] if k.startswith("encoder.")]
+    dec = [k for k in a["model"] if k.startswith("decoder.")]
+    assert enc and dec
+    for k in enc:  # the encoder, raw and averaged, is the EMA encoder of step 6, bit for bit
+        assert torch.equal(b["model"][k], a["ema"]["shadow"][k]), k
+        assert torch.equal(b["ema"]["shadow"][k], a["ema"]["shadow"][k]), k
+    assert any(not torch.equal(b["model"][k], a["ema"]["shadow"][k]) for k in dec)
+    # AdamW: the encoder's moments are those of the 6 ELB steps, the decoder's were restarted for the 30 decoder steps
+    n_enc = sum(1 for k, _ in both["model"].named_parameters() if k.startswith("encoder."))
+    counts = [int(b["optimizer"]["state"][i]["step"]) for i in sorted(b["optimizer"]["state"])]
+    assert counts == [6] * n_enc + [30] * (len(counts) - n_enc) and len(counts) > n_enc
+    # so the raw and the EMA weights tokenize alike, and the decoder fits the argmax codes better than before
+    x = T.fetch(T.make_dataset(args_for(tmp_path, *common)), list(range(16)), 0)
+    before = T.load_dvae(tmp_path / "elb" / "dvae.pt")
+    raw, avg = T.load_dvae(tmp_path / "both" / "dvae.pt", ema=False), T.load_dvae(tmp_path / "both" / "dvae.pt")
+    assert torch.equal(raw.get_codebook_indices(x), avg.get_codebook_indices(x))
+    assert torch.equal(before.get_codebook_indices(x), avg.get_codebook_indices(x))
+    with torch.no_grad():
+        loss_before, loss_after = (float(T.decoder_objective(m, x, "logit-laplace")) for m in (before, raw))
+    assert loss_after < loss_before - 0.05, (loss_before, loss_after)
 
 
 def test_atomic_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch):
@@ -224,6 +267,8 @@ def test_code_usage():
         (["--pixel-noise", "nan"], "--pixel-noise: expected a number in \\[0, 1\\], got nan"),
         (["--check-images", "-1"], "--check-images: expected an integer >= 0, got -1"),
         (["--ema-decay", "1.5"], "--ema-decay: expected a number in \\[0, 1\\)"),
+        (["--decoder-steps", "-1"], "--decoder-steps: expected an integer >= 0, got -1"),
+        (["--decoder-lr", "0"], "--decoder-lr: expected a finite number > 0, got 0"),
         (["--amp", "on", "--device", "cpu"], "--amp on: fp16 loss scaling needs a CUDA device"),
     ],
 )
@@ -256,17 +301,17 @@ def test_ddp_two_processes_cpu(tmp_path):
     )
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           *TINY, "--steps", "30", "--batch-size", "4", "--lr", "3e-3", "--grid-every", "0", "--ckpt-every", "0",
-           "--device", "cpu", "--threads", "1", "--out", str(out)]  # fmt: skip
+           *TINY, "--steps", "30", "--decoder-steps", "4", "--batch-size", "4", "--lr", "3e-3", "--grid-every", "0",
+           "--ckpt-every", "0", "--device", "cpu", "--threads", "1", "--out", str(out)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert_same_tensors(r0, r1, "rank 0 vs rank 1 parameters")
     h = json.loads((out / "history.json").read_text())
-    assert len(h) == 30
-    assert sum(r["nll"] for r in h[-5:]) / 5 < sum(r["nll"] for r in h[:5]) / 5 - 0.05
-    assert sorted(os.listdir(out)) == ["dvae.pt", "history.json", "rank0.pt", "rank1.pt", "recon_000030.png"]
+    assert len(h) == 34 and all(r.get("decoder") for r in h[30:])  # the decoder steps average over ranks too
+    assert sum(r["nll"] for r in h[25:30]) / 5 < sum(r["nll"] for r in h[:5]) / 5 - 0.05
+    assert sorted(os.listdir(out)) == ["dvae.pt", "history.json", "rank0.pt", "rank1.pt", "recon_000034.png"]
     # the two ranks drew different batches: a single process with the doubled batch is a different run
     ckpt = training.load_checkpoint(out / "dvae.pt")
-    assert ckpt["step"] == 30
+    assert ckpt["step"] == 34
