@@ -34,8 +34,8 @@ def _train_dvae(args) -> str:
     from . import train_dvae
 
     out = os.path.join(args.out, "dvae")
-    argv = ["--out", out, "--steps", str(args.dvae_steps), "--seed", str(args.seed), "--device", "cpu",
-            *args.dvae_args.split()]  # fmt: skip
+    argv = ["--out", out, "--steps", str(args.dvae_steps), "--decoder-steps", str(args.dvae_decoder_steps),
+            "--seed", str(args.seed), "--device", "cpu", *args.dvae_args.split()]  # fmt: skip
     if train_dvae.main(argv) != 0:
         raise SystemExit("demo: the dVAE training failed")
     return os.path.join(out, train_dvae.CHECKPOINT_NAME)
@@ -54,6 +54,7 @@ def _train_dalle(args, dvae_path: str) -> str:
 
 
 RERANKERS = ("contrastive", "likelihood")
+DVAE_DECODER_STEPS = 4000
 
 
 @torch.no_grad()
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dalle_fast.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--dvae-steps", type=int, default=8000, help="train_dvae --steps (6000 or more: colour needs it)")
+    ap.add_argument("--dvae-decoder-steps", type=int, default=DVAE_DECODER_STEPS,
+                    help="train_dvae --decoder-steps: then the decoder alone on argmax codes (0: none)")  # fmt: skip
     ap.add_argument("--dalle-steps", type=int, default=1500)
     ap.add_argument("--dvae-args", default="", help="more train_dvae flags, e.g. '--threads 1 --image-size 32'")
     ap.add_argument("--dalle-args", default="", help="more train_dalle flags, e.g. '--layers 4 --batch-size 64'")
@@ -137,6 +140,8 @@ def main(argv=None) -> int:
     for name in ("dvae_steps", "dalle_steps", "captions", "samples"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.dvae_decoder_steps < 0:
+        ap.error(f"--dvae-decoder-steps: expected an integer >= 0, got {args.dvae_decoder_steps}")
     if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
         ap.error(f"--guidance-scale: expected a finite number >= 0 (1: off), got {args.guidance_scale}")
     from . import data

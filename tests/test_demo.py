@@ -4,11 +4,11 @@ The accuracy of such a toy run is not the demo's figure (the README's is): this 
 
 import pytest
 
-from dalle_fast import data, demo
+from dalle_fast import data, demo, training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOY = ["--dvae-steps", "4", "--dalle-steps", "4", "--captions", "3", "--samples", "2",
+TOY = ["--dvae-steps", "4", "--dvae-decoder-steps", "3", "--dalle-steps", "4", "--captions", "3", "--samples", "2",
        "--dvae-args", "--threads 1 --synthetic-length 48 --batch-size 8 --ckpt-every 0 --grid-every 0",
        "--dalle-args", "--data-length 48 --batch-size 8 --layers 1 --text-len 24 --quiet"]  # fmt: skip
 
@@ -17,6 +17,7 @@ def test_demo_trains_generates_and_scores(tmp_path, capsys):
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), *TOY]) == 0
     printed = capsys.readouterr().out
+    assert training.load_checkpoint(out / "dvae" / "dvae.pt")["step"] == 4 + 3  # the ELB, then the decoder steps
     for k in ("generated", "dvae", "true"):
         assert f"  {k:<9} all " in printed
     grid = data.read_png(out / "zero_shot.png")
@@ -44,6 +45,9 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--captions", "0"])
     assert "--captions: expected an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path), "--dvae-decoder-steps", "-2"])
+    assert "--dvae-decoder-steps: expected an integer >= 0, got -2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--guidance-scale", "-1"])
     assert "--guidance-scale: expected a finite number >= 0 (1: off), got -1.0" in capsys.readouterr().err
