@@ -5,6 +5,8 @@ in training) and measure, with the data set's attribute checker, how often the i
     python -m dalle_fast.demo --out runs/demo                  # CPU defaults, minutes
     python -m dalle_fast.demo --out runs/demo --skip-training  # evaluate the checkpoints already in runs/demo
 
+The dVAE trains --dvae-steps steps of the ELB, then --dvae-decoder-steps steps of its decoder alone on the argmax
+codes of its (then fixed) encoder (train_dvae --decoder-steps), the codes the transformer learns and generates.
 The transformer is trained with 10% empty captions (train_dalle --text-dropout 0.1) so that sampling can use
 classifier-free guidance (--guidance-scale); each caption's samples are reranked (--rerank) by the model itself:
 "likelihood" by log p(image | caption) (the default: with guidance, better on longer-trained models and equal
