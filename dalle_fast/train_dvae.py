@@ -313,33 +313,34 @@ def check_set(args, n: int):
     return torch.stack([ds[i][0] for i in range(n)]), [ds.scene(i) for i in range(n)]
 
 
+def _mse_term(stats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The squared error between sigmoid(mu) (the first C channels of the decoder's stats) and the mapped pixels."""
+    from .nn.dvae import map_pixels
+
+    return F.mse_loss(torch.sigmoid(stats[:, : x.shape[1]]), map_pixels(x.float()))
+
+
 def objective(out, x: torch.Tensor, recon: str, beta: float) -> torch.Tensor:
     """The loss to minimise: DiscreteVAE.forward's (recon "logit-laplace", the paper's) or, for "mse", the mean
     squared error between sigmoid(mu) and the mapped pixels plus the same beta-weighted KL term."""
     if recon == "logit-laplace":
         return out.loss
-    from .nn.dvae import map_pixels
-
-    c = x.shape[1]
-    ratio = (out.logits.shape[2] * out.logits.shape[3]) / (c * x.shape[2] * x.shape[3])
-    return F.mse_loss(torch.sigmoid(out.stats[:, :c]), map_pixels(x.float())) + beta * ratio * out.kl
+    ratio = (out.logits.shape[2] * out.logits.shape[3]) / (x.shape[1] * x.shape[2] * x.shape[3])
+    return _mse_term(out.stats, x) + beta * ratio * out.kl
 
 
 def decoder_objective(model, x: torch.Tensor, recon: str) -> torch.Tensor:
     """The loss of a decoder step: the reconstruction term (`recon` as in objective) of the images decoded from
     their argmax codes, the encoder's (no gradient reaches it): the codes a transformer is trained on and
     generates, where the ELB's steps decode relaxed samples."""
+    from . import ops
     from .nn.dvae import map_pixels
 
-    with torch.no_grad():
-        codes = model.encode(x).argmax(dim=1)
-    stats = model.decode_stats(codes)
-    c, xm = x.shape[1], map_pixels(x.float())
+    stats = model.decode_stats(model.get_codebook_indices(x))
     if recon == "mse":
-        return F.mse_loss(torch.sigmoid(stats[:, :c]), xm)
-    from . import ops
-
-    return ops.logit_laplace_nll(xm, stats[:, :c], stats[:, c:], reduction="mean")
+        return _mse_term(stats, x)
+    c = x.shape[1]
+    return ops.logit_laplace_nll(map_pixels(x.float()), stats[:, :c], stats[:, c:], reduction="mean")
 
 
 def average_gradients(params, world: int) -> None:
