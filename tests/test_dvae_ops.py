@@ -281,6 +281,24 @@ def test_kl_low_precision_and_noncontiguous(device, backend, dtype):
 
 
 @device_backends
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,dim", [((3, 53), -1), ((2, 29, 19), 1)])
+def test_kl_eight_lane_paths_with_saturated_logits(device, backend, dtype, shape, dim):
+    """The C++ kernels' eight-lane exp and its one-element tails: rows of 53 logits (three groups of 16 lanes
+    and 5 more), and 19 rows read along a strided dim (a tile of 16, then 3); a third of the logits so far
+    below their row's max that exp underflows to 0."""
+    logits = torch.randn(shape, device=device) * 3
+    logits = torch.where(torch.rand(shape, device=device) < 1 / 3, torch.full_like(logits, -1e4), logits).to(dtype)
+    fn = lambda t, r: ops.categorical_kl_uniform(t, dim, reduction=r, backend=backend)  # noqa: E731
+    got = _loss_and_grads(fn, [logits], "mean")
+    oracle = _loss_and_grads(lambda t, r: reference.categorical_kl_uniform(t, dim, r), [logits.double()], "mean")
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    assert_close(got[0], oracle[0], dtype=torch.float32, scale=10)
+    assert got[1].dtype == dtype
+    assert_close(got[1], oracle[1], dtype=dtype)
+
+
+@device_backends
 def test_kl_is_zero_for_uniform_and_ln_k_for_one_hot(device, backend):
     u = torch.full((2, 10, 3), 1.5, device=device)
     assert ops.categorical_kl_uniform(u, backend=backend).abs().item() < 1e-6

@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "dalle_fast/math.h"
 
@@ -26,6 +27,64 @@ inline float to_f32(c10::Half v) { return static_cast<float>(v); }
 template <typename T>
 inline T from_f32(float v) {
   return static_cast<T>(v);
+}
+
+// Eight floats as one value (GCC vector extension). Inlined into a DF_CLONES loop, the arithmetic compiles
+// for that clone's ISA (one AVX2 register, two SSE ones); accumulators of this type stay in registers.
+// Unaligned loads and stores via memcpy.
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+inline v8f splat8(float a) { return v8f{} + a; }
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+// Eight elements of a tensor dtype as fp32.
+template <typename T>
+inline v8f load8_f32(const T* p) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return load8(reinterpret_cast<const float*>(p));
+  } else {
+    float f[8];
+    for (int j = 0; j < 8; ++j) f[j] = to_f32(p[j]);
+    return load8(f);
+  }
+}
+template <typename T>
+inline void store8_as(T* p, v8f v) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    store8(reinterpret_cast<float*>(p), v);
+  } else {
+    for (int j = 0; j < 8; ++j) p[j] = from_f32<T>(v[j]);
+  }
+}
+
+// math.h's exp_finite_or_zero on eight lanes, operation for operation. The scalar form's chain of selects
+// (NaN, underflow, overflow) becomes branches that stop GCC's vectoriser: a loop calling it runs one
+// element at a time (measured: ~10 ns per element in categorical_kl_uniform, against ~1 ns for torch's
+// softmax). Vector selects are blends.
+inline v8f exp8(v8f x) {
+  const v8f lo = splat8(-86.f), hi = splat8(88.f), shift = splat8(12582912.f);
+  v8f xc = x < lo ? lo : x;  // NaN passes through here...
+  xc = xc > hi ? hi : xc;
+  const v8f t = xc * 1.44269504089f + shift;
+  const v8f nf = t - shift;
+  const v8u n = reinterpret_cast<v8u>(t) - reinterpret_cast<v8u>(shift);
+  const v8f r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  v8f p = splat8(1.f / 5040.f);
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  v8f y = reinterpret_cast<v8f>(reinterpret_cast<v8u>(p) + (n << 23));
+  y = x < lo ? splat8(0.f) : y;
+  y = x > hi ? splat8(INFINITY) : y;
+  return x != x ? x : y;  // ...and is restored here
 }
 
 }  // namespace

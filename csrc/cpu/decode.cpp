@@ -30,15 +30,8 @@ namespace {
 
 constexpr int kChunk = 64;  // keys per chunk of the online softmax
 
-// Eight floats as one value (GCC vector extension): accumulators of this type stay in registers, where the
-// loops over float arrays that did the same kept them on the stack. Unaligned loads and stores via memcpy.
-typedef float v8f __attribute__((vector_size(32)));
-inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+// v8f (common.h): accumulators of this type stay in registers, where the loops over float arrays that did the
+// same kept them on the stack.
 
 // Lanes [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7] (lane i of a is ai).
 inline v8f pair_sums(v8f a, v8f b) {

@@ -133,9 +133,15 @@ DF_CLONES void tile_exp_sum(float* __restrict z, int64_t K, int w, int P, const 
     sc[j] = 0.f;
     mc[j] = m[j] == -INFINITY ? 0.f : m[j];
   }
+  const int wv = w / 8 * 8;  // eight pixels at a time (exp8), then one
   for (int64_t k = 0; k < K; ++k) {
     float* __restrict e = z + k * P;
-    for (int j = 0; j < w; ++j) {
+    for (int j = 0; j < wv; j += 8) {
+      const v8f v = exp8(load8(e + j) - load8(mc + j));
+      store8(e + j, v);
+      store8(sc + j, load8(sc + j) + v);
+    }
+    for (int j = wv; j < w; ++j) {
       const float v = exp_finite_or_zero(e[j] - mc[j]);
       e[j] = v;
       sc[j] += v;
@@ -153,9 +159,11 @@ DF_CLONES void tile_scale(float* __restrict z, int64_t K, int w, int P, const fl
 }
 
 DF_CLONES void tile_softmax_from_lse(float* __restrict z, int64_t K, int w, int P, const float* __restrict lse) {
+  const int wv = w / 8 * 8;
   for (int64_t k = 0; k < K; ++k) {
     float* __restrict e = z + k * P;
-    for (int j = 0; j < w; ++j) e[j] = exp_finite_or_zero(e[j] - lse[j]);
+    for (int j = 0; j < wv; j += 8) store8(e + j, exp8(load8(e + j) - load8(lse + j)));
+    for (int j = wv; j < w; ++j) e[j] = exp_finite_or_zero(e[j] - lse[j]);
   }
 }
 
@@ -549,13 +557,21 @@ DF_CLONES void kl_tile_stats(const T* __restrict x, int64_t K, int64_t stride_k,
       m[j] = (v > m[j] || v != v) ? v : m[j];
     }
   for (int j = 0; j < w; ++j) m[j] = m[j] == -INFINITY ? 0.f : m[j];
-  for (int64_t k = 0; k < K; ++k)
-    for (int j = 0; j < w; ++j) {
+  const int wv = w / 8 * 8;  // eight rows at a time (exp8), then one
+  for (int64_t k = 0; k < K; ++k) {
+    for (int j = 0; j < wv; j += 8) {
+      const v8f d = load8_f32(x + k * stride_k + j) - load8(m + j);
+      const v8f e = exp8(d);
+      store8(s + j, load8(s + j) + e);
+      store8(u + j, load8(u + j) + e * d);
+    }
+    for (int j = wv; j < w; ++j) {
       const float d = to_f32(x[k * stride_k + j]) - m[j];
       const float e = exp_finite_or_zero(d);
       s[j] += e;
       u[j] += e * d;
     }
+  }
   for (int j = 0; j < w; ++j) kl_finish(KLStats{m[j], s[j], u[j]}, std::log(s[j]), lse + j, negent + j);
 }
 
@@ -580,13 +596,17 @@ DF_CLONES void kl_row_stats(const T* __restrict x, int64_t K, float* lse, float*
     mc[j] = (v > mc[j] || v != v) ? v : mc[j];
   }
   for (int j = 0; j < kKLW; ++j) ms[j] = mc[j] == -INFINITY ? 0.f : mc[j];
-  for (int64_t k = 0; k < kmain; k += kKLW)
-    for (int j = 0; j < kKLW; ++j) {
-      const float d = to_f32(x[k + j]) - ms[j];
-      const float e = exp_finite_or_zero(d);
-      s[j] += e;
-      u[j] += e * d;
+  {
+    const v8f m0 = load8(ms), m1 = load8(ms + 8);
+    v8f s0 = {}, s1 = {}, u0 = {}, u1 = {};
+    for (int64_t k = 0; k < kmain; k += kKLW) {
+      const v8f d0 = load8_f32(x + k) - m0, d1 = load8_f32(x + k + 8) - m1;
+      const v8f e0 = exp8(d0), e1 = exp8(d1);
+      s0 += e0, s1 += e1;
+      u0 += e0 * d0, u1 += e1 * d1;
     }
+    store8(s, s0), store8(s + 8, s1), store8(u, u0), store8(u + 8, u1);
+  }
   for (int64_t k = kmain; k < K; ++k) {
     const int j = static_cast<int>(k - kmain);
     const float d = to_f32(x[k]) - ms[j];
@@ -608,17 +628,29 @@ DF_CLONES void kl_tile_grad(const T* __restrict x, int64_t K, int64_t stride_k, 
     nc[j] = negent[j];
     gc[j] = g[j];
   }
-  for (int64_t k = 0; k < K; ++k)
-    for (int j = 0; j < w; ++j) {
+  const int wv = w / 8 * 8;  // eight rows at a time (exp8), then one
+  for (int64_t k = 0; k < K; ++k) {
+    for (int j = 0; j < wv; j += 8) {
+      const v8f l = load8_f32(x + k * stride_k + j), ls = load8(lc + j);
+      store8_as(dx + k * stride_k + j, kl_grad(l, ls, load8(nc + j), exp8(l - ls), load8(gc + j)));
+    }
+    for (int j = wv; j < w; ++j) {
       const float l = to_f32(x[k * stride_k + j]);
       const float q = exp_finite_or_zero(l - lc[j]);
       dx[k * stride_k + j] = from_f32<T>(kl_grad(l, lc[j], nc[j], q, gc[j]));
     }
+  }
 }
 
 template <typename T>
 DF_CLONES void kl_row_grad(const T* __restrict x, int64_t K, float lse, float negent, float g, T* __restrict dx) {
-  for (int64_t k = 0; k < K; ++k) {
+  const int64_t kv = K / 8 * 8;
+  const v8f ls = splat8(lse), ng = splat8(negent), gg = splat8(g);
+  for (int64_t k = 0; k < kv; k += 8) {
+    const v8f l = load8_f32(x + k);
+    store8_as(dx + k, kl_grad(l, ls, ng, exp8(l - ls), gg));
+  }
+  for (int64_t k = kv; k < K; ++k) {
     const float l = to_f32(x[k]);
     dx[k] = from_f32<T>(kl_grad(l, lse, negent, exp_finite_or_zero(l - lse), g));
   }

@@ -87,16 +87,18 @@ template <typename G>
 DF_CLONES void row_exp_sums(float* __restrict e, const G* __restrict dy, int64_t n, float m, float* s_out,
                             float* t_out) {
   float sl[kLanes], tl[kLanes];
-  for (int l = 0; l < kLanes; ++l) sl[l] = tl[l] = 0.f;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float v = exp_finite_or_zero(e[j + l] - m);
-      e[j + l] = v;
-      sl[l] += v;
-      if (dy) tl[l] += to_f32(dy[j + l]) * v;
+  {  // the 16 lanes as two eight-lane vectors (exp8)
+    const v8f mv = splat8(m);
+    v8f s0 = {}, s1 = {}, t0 = {}, t1 = {};
+    for (int64_t j = 0; j + kLanes <= n; j += kLanes) {
+      const v8f v0 = exp8(load8(e + j) - mv), v1 = exp8(load8(e + j + 8) - mv);
+      store8(e + j, v0), store8(e + j + 8, v1);
+      s0 += v0, s1 += v1;
+      if (dy) t0 += load8_f32(dy + j) * v0, t1 += load8_f32(dy + j + 8) * v1;
     }
+    store8(sl, s0), store8(sl + 8, s1), store8(tl, t0), store8(tl + 8, t1);
   }
+  int64_t j = n / kLanes * kLanes;
   float s = 0.f, t = 0.f;
   for (; j < n; ++j) {
     const float v = exp_finite_or_zero(e[j] - m);
@@ -217,10 +219,17 @@ DF_CLONES void tile_exp_sums(float* __restrict z, const G* __restrict dy, int64_
     sc[c] = tc[c] = 0.f;
     mc[c] = c < W.w() ? m[c] : 0.f;
   }
+  const int wv = W.w() / 8 * 8;  // eight columns at a time (exp8), then one
   for (int64_t k = 0; k < K; ++k) {
     float* __restrict e = z + k * kW;
     if (dy) prefetch_row(dy, k, K, inner, false);
-    for (int c = 0; c < W.w(); ++c) {
+    for (int c = 0; c < wv; c += 8) {
+      const v8f v = exp8(load8(e + c) - load8(mc + c));
+      store8(e + c, v);
+      store8(sc + c, load8(sc + c) + v);
+      if (dy) store8(tc + c, load8(tc + c) + load8_f32(dy + k * inner + c) * v);
+    }
+    for (int c = wv; c < W.w(); ++c) {
       const float v = exp_finite_or_zero(e[c] - mc[c]);
       e[c] = v;
       sc[c] += v;

@@ -76,7 +76,9 @@ DF_HD void kl_finish(KLStats st, float log_s, float* lse, float* negent) {
   *negent = st.u / st.s - log_s;
 }
 
-DF_HD float kl_grad(float l, float lse, float negent, float q, float g) {
+// F: float, or a vector of floats (the CPU loops' v8f).
+template <typename F>
+DF_HD F kl_grad(F l, F lse, F negent, F q, F g) {
   return g * q * ((l - lse) - negent);
 }
 
