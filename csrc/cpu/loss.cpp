@@ -47,8 +47,13 @@ DF_CLONES float row_lse(float* __restrict z, const float* __restrict bias, int64
   float mx = m[0];
   for (int j = 1; j < kLanes; ++j) mx = (m[j] > mx || m[j] != m[j]) ? m[j] : mx;
   const float shift = ce_shift(mx);
-  for (int64_t k = 0; k < vmain; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) s[j] += exp_finite_or_zero(z[k + j] - shift);
+  {  // the lanes as eight-lane vectors (exp8; the scalar exp does not vectorise)
+    const v8f sh = splat8(shift);
+    v8f acc[kLanes / 8] = {};
+    for (int64_t k = 0; k < vmain; k += kLanes)
+      for (int h = 0; h < kLanes / 8; ++h) acc[h] += exp8(load8(z + k + 8 * h) - sh);
+    for (int h = 0; h < kLanes / 8; ++h) store8(s + 8 * h, load8(s + 8 * h) + acc[h]);
+  }
   for (int64_t k = vmain; k < V; ++k) s[0] += exp_finite_or_zero(z[k] - shift);
   float sum = 0.f;
   for (int j = 0; j < kLanes; ++j) sum += s[j];
@@ -57,7 +62,10 @@ DF_CLONES float row_lse(float* __restrict z, const float* __restrict bias, int64
 
 // Pass 3: g = exp(z - lse) in place.
 DF_CLONES void row_softmax(float* __restrict z, float lse, int64_t V) {
-  for (int64_t k = 0; k < V; ++k) z[k] = exp_finite_or_zero(z[k] - lse);
+  const int64_t vv = V / 8 * 8;
+  const v8f l = splat8(lse);
+  for (int64_t k = 0; k < vv; k += 8) store8(z + k, exp8(load8(z + k) - l));
+  for (int64_t k = vv; k < V; ++k) z[k] = exp_finite_or_zero(z[k] - lse);
 }
 
 void row_pass_cpu(at::Tensor& acc, const at::Tensor& bias32, const at::Tensor& target, at::Tensor loss,
