@@ -232,6 +232,20 @@ def test_nll_low_precision_and_noncontiguous(device, backend, dtype):
 
 
 @device_backends
+def test_nll_edge_pixels(device, backend):
+    """Pixels at 0 and 1 (NaN, as the reference), subnormal and just below 1: the C++ kernel's fast logs
+    (eight lanes) refuse them and redo the chunk with exact ones; the others keep fp32 accuracy."""
+    x, mu, lb = _pixels((37,), device)
+    x = x.clone()
+    x[[3, 12, 20, 30]] = torch.tensor([0.0, 1.0, 1e-40, 1 - 2**-24], device=device)
+    got = ops.logit_laplace_nll(x, mu, lb, reduction="none", backend=backend)
+    ref = reference.logit_laplace_nll(x.double(), mu.double(), lb.double(), "none")
+    assert torch.equal(got.isnan(), ref.isnan()) and got.isnan().sum() == 2
+    ok = ~ref.isnan()
+    assert_close(got[ok], ref[ok], dtype=torch.float32, scale=10)
+
+
+@device_backends
 def test_nll_broadcasts_like_the_reference(device, backend):
     x = torch.rand(2, 3, 4, 4, device=device) * 0.8 + 0.1
     mu = torch.randn(1, 3, 4, 4, device=device, requires_grad=True)

@@ -34,12 +34,12 @@ constexpr int kChunk = 64;  // keys per chunk of the online softmax
 // same kept them on the stack.
 
 // Lanes [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7] (lane i of a is ai).
-inline v8f pair_sums(v8f a, v8f b) {
+DF_VEC v8f pair_sums(v8f a, v8f b) {
   return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
 
 // The lane sums of eight vectors as one vector (lane r: the sum of a[r]'s lanes), a fixed tree of adds.
-inline v8f lane_sums(const v8f (&a)[8]) {
+DF_VEC v8f lane_sums(const v8f (&a)[8]) {
   const v8f lo = pair_sums(pair_sums(a[0], a[1]), pair_sums(a[2], a[3]));  // [a0..a3 lanes 0-3, a0..a3 lanes 4-7]
   const v8f hi = pair_sums(pair_sums(a[4], a[5]), pair_sums(a[6], a[7]));
   return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
@@ -259,7 +259,7 @@ DF_CLONES void layer_norm_rows(const float* __restrict__ x, int64_t B, int64_t d
 // approximation Eigen and XLA use. Written once for a float and for eight (a GCC vector): the clamps of the
 // scalar form are control flow to GCC's vectoriser, the vector form's selects are not.
 template <typename T>
-inline T erf_rational(T x) {
+DF_VEC T erf_rational(T x) {
   T x2 = x * x;
   T p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
   p = x2 * p - 2.10102402082508e-06f;
