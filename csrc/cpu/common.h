@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "dalle_fast/math.h"
 
@@ -44,21 +45,33 @@ DF_VEC v8f load8(const float* p) {
   return v;
 }
 DF_VEC void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-// Eight elements of a tensor dtype as fp32.
+// Eight elements of a tensor dtype as fp32, and back (round to nearest even, as c10's conversions). fp16 goes
+// through GCC's _Float16 vectors: one vcvtph2ps / vcvtps2ph in the clones whose ISA has F16C (x86-64-v3, v4),
+// where c10::Half's own conversion is integer code one element at a time. bf16 is the high half of an fp32.
+typedef _Float16 v8h __attribute__((vector_size(16)));
+typedef uint16_t v8s __attribute__((vector_size(16)));
 template <typename T>
 DF_VEC v8f load8_f32(const T* p) {
-  if constexpr (sizeof(T) == sizeof(float)) {
-    return load8(reinterpret_cast<const float*>(p));
+  if constexpr (std::is_same_v<T, float>) {
+    return load8(p);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    v8h h;
+    std::memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, v8f);
   } else {
-    float f[8];
-    for (int j = 0; j < 8; ++j) f[j] = to_f32(p[j]);
-    return load8(f);
+    static_assert(std::is_same_v<T, c10::BFloat16>);
+    v8s b;
+    std::memcpy(&b, p, sizeof b);
+    return reinterpret_cast<v8f>(__builtin_convertvector(b, v8u) << 16);
   }
 }
 template <typename T>
 DF_VEC void store8_as(T* p, v8f v) {
-  if constexpr (sizeof(T) == sizeof(float)) {
-    store8(reinterpret_cast<float*>(p), v);
+  if constexpr (std::is_same_v<T, float>) {
+    store8(p, v);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    const v8h h = __builtin_convertvector(v, v8h);
+    std::memcpy(p, &h, sizeof h);
   } else {
     for (int j = 0; j < 8; ++j) p[j] = from_f32<T>(v[j]);
   }

@@ -63,15 +63,17 @@ template <typename T>
 DF_CLONES float row_scores(const T* __restrict x, const float* __restrict g, float* __restrict z, int64_t n,
                            float scale) {
   float ml[kLanes];
-  for (int l = 0; l < kLanes; ++l) ml[l] = -INFINITY;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float v = (to_f32(x[j + l]) + g[j + l]) * scale;
-      z[j + l] = v;
-      ml[l] = max_nan(ml[l], v);
+  {  // the 16 lanes as two eight-lane vectors (load8_f32: one conversion instruction for fp16)
+    v8f m0 = splat8(-INFINITY), m1 = m0;
+    for (int64_t j = 0; j + kLanes <= n; j += kLanes) {
+      const v8f v0 = (load8_f32(x + j) + load8(g + j)) * scale, v1 = (load8_f32(x + j + 8) + load8(g + j + 8)) * scale;
+      store8(z + j, v0), store8(z + j + 8, v1);
+      m0 = ((v0 > m0) | (v0 != v0)) ? v0 : m0;  // max_nan
+      m1 = ((v1 > m1) | (v1 != v1)) ? v1 : m1;
     }
+    store8(ml, m0), store8(ml + 8, m1);
   }
+  int64_t j = n / kLanes * kLanes;
   float m = -INFINITY;
   for (; j < n; ++j) {
     const float v = (to_f32(x[j]) + g[j]) * scale;
@@ -116,14 +118,18 @@ DF_CLONES void row_exp_sums(float* __restrict e, const G* __restrict dy, int64_t
 
 template <typename T>
 DF_CLONES void row_scale_store(const float* __restrict e, int64_t n, float scale, T* __restrict y) {
-  for (int64_t j = 0; j < n; ++j) y[j] = from_f32<T>(e[j] * scale);
+  const int64_t nv = n / 8 * 8;
+  for (int64_t j = 0; j < nv; j += 8) store8_as(y + j, load8(e + j) * scale);
+  for (int64_t j = nv; j < n; ++j) y[j] = from_f32<T>(e[j] * scale);
 }
 
 // dx[j] = e[j] * a * (dy[j] - b) with a = 1/(tau s), b = t/s.
 template <typename T, typename G>
 DF_CLONES void row_grad_store(const float* __restrict e, const G* __restrict dy, int64_t n, float a, float b,
                               T* __restrict dx) {
-  for (int64_t j = 0; j < n; ++j) dx[j] = from_f32<T>(e[j] * a * (to_f32(dy[j]) - b));
+  const int64_t nv = n / 8 * 8;
+  for (int64_t j = 0; j < nv; j += 8) store8_as(dx + j, load8(e + j) * a * (load8_f32(dy + j) - b));
+  for (int64_t j = nv; j < n; ++j) dx[j] = from_f32<T>(e[j] * a * (to_f32(dy[j]) - b));
 }
 
 // The first index holding m (the row's max as row_scores returned it; NaN: the first NaN).
@@ -253,7 +259,9 @@ DF_CLONES void tile_scale_store(const float* __restrict z, int64_t K, int64_t in
     prefetch_row(y, k, K, inner, true);
     const float* __restrict e = z + k * kW;
     T* __restrict yr = y + k * inner;
-    for (int c = 0; c < W.w(); ++c) yr[c] = from_f32<T>(e[c] * a[c]);
+    int c = 0;
+    for (; c + 8 <= W.w(); c += 8) store8_as(yr + c, load8(e + c) * load8(a + c));
+    for (; c < W.w(); ++c) yr[c] = from_f32<T>(e[c] * a[c]);
   }
 }
 
@@ -272,7 +280,10 @@ DF_CLONES void tile_grad_store(const float* __restrict z, const G* __restrict dy
     const float* __restrict e = z + k * kW;
     const G* __restrict dyr = dy + k * inner;
     T* __restrict dxr = dx + k * inner;
-    for (int c = 0; c < W.w(); ++c) dxr[c] = from_f32<T>(e[c] * ac[c] * (to_f32(dyr[c]) - bc[c]));
+    int c = 0;
+    for (; c + 8 <= W.w(); c += 8)
+      store8_as(dxr + c, load8(e + c) * load8(ac + c) * (load8_f32(dyr + c) - load8(bc + c)));
+    for (; c < W.w(); ++c) dxr[c] = from_f32<T>(e[c] * ac[c] * (to_f32(dyr[c]) - bc[c]));
   }
 }
 
