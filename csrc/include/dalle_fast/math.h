@@ -124,38 +124,61 @@ DF_HD float uint32_as_float(uint32_t u) {
 #endif
 }
 
+// The two functions below are written once, over "lanes" L: L = Lanes1 here (float, uint32_t, int32_t: the
+// scalar code every backend runs) and, in csrc/cpu/common.h, eight-lane GCC vectors (exp8 and log8), whose
+// selects are blends where the scalar ones compile to branches that stop GCC's vectoriser. L::F, L::U and L::I
+// are the float, unsigned and signed types; bits / from_bits reinterpret, as_signed / as_unsigned convert
+// integers bit for bit, to_float converts an integer to float.
+struct Lanes1 {
+  using F = float;
+  using U = uint32_t;
+  using I = int32_t;
+  DF_HD static U bits(F x) { return float_as_uint32(x); }
+  DF_HD static F from_bits(U u) { return uint32_as_float(u); }
+  DF_HD static I as_signed(U u) { return static_cast<I>(u); }
+  DF_HD static U as_unsigned(I i) { return static_cast<U>(i); }
+  DF_HD static F to_float(I i) { return static_cast<F>(i); }
+};
+
 // log(x) for POSITIVE, NORMAL, FINITE x only (no 0, inf, NaN or subnormal handling: the noise map
 // never produces them). fdlibm's reduction: x = 2^k * m with m in [sqrt(1/2), sqrt(2)), f = m - 1
 // (exact), s = f / (2 + f), log(1 + f) = f - (f^2/2 - s * (f^2/2 + R(s^2))), so that the rounding of
 // the small correction term is all the error; near x = 1 the relative accuracy of f is kept, which is
 // what the Gumbel map needs for u close to 1.
-DF_HD float log_positive_normal(float x) {
-  const uint32_t ix = float_as_uint32(x);
-  const int32_t k = static_cast<int32_t>(ix - 0x3f3504f3u) >> 23;  // 0x3f3504f3 = sqrt(1/2)
-  const float m = uint32_as_float(ix - (static_cast<uint32_t>(k) << 23));
-  const float f = m - 1.f;
-  const float s = f / (2.f + f);
-  const float s2 = s * s;
+template <typename L>
+DF_HD typename L::F log_positive_normal_lanes(typename L::F x) {
+  using F = typename L::F;
+  const typename L::U ix = L::bits(x);
+  const typename L::I k = L::as_signed(ix - 0x3f3504f3u) >> 23;  // 0x3f3504f3 = sqrt(1/2)
+  const F m = L::from_bits(ix - (L::as_unsigned(k) << 23));
+  const F f = m - 1.f;
+  const F s = f / (2.f + f);
+  const F s2 = s * s;
   // Taylor coefficients of 2 atanh(s)/s - 2 in s^2 (|s| <= 0.1716: the next term is below 2^-30).
-  const float R = s2 * (0.66666668653f + s2 * (0.40000000596f + s2 * (0.28571429849f + s2 * 0.22222198546f)));
-  const float hfsq = 0.5f * f * f;
-  const float kf = static_cast<float>(k);
+  const F R = s2 * (0.66666668653f + s2 * (0.40000000596f + s2 * (0.28571429849f + s2 * 0.22222198546f)));
+  const F hfsq = 0.5f * f * f;
+  const F kf = L::to_float(k);
   // ln 2 split so that kf * kLn2Hi is exact for |k| < 2^8.
   return kf * 6.9313812256e-01f - ((hfsq - (s * (hfsq + R) + kf * 9.0580006145e-06f)) - f);
 }
+DF_HD float log_positive_normal(float x) { return log_positive_normal_lanes<Lanes1>(x); }
 
 // exp(x) for any float x: exp(x) = 2^n * p(r), n = round(x / ln 2), |r| <= ln(2)/2, p a degree-7
 // Taylor polynomial (truncation error below 2^-27). x below -86 returns 0 (exp(-86) ~ 4e-38: the
 // softmax only uses exp(z - max), where such values do not matter), x above 88 returns +inf, NaN
 // stays NaN.
-DF_HD float exp_finite_or_zero(float x) {
-  const float xc = x < -86.f ? -86.f : (x > 88.f ? 88.f : x);  // NaN passes through here...
-  const float kShift = 12582912.f;                             // 1.5 * 2^23: rounds to an integer
-  const float t = xc * 1.44269504089f + kShift;
-  const float nf = t - kShift;
-  const int32_t n = static_cast<int32_t>(float_as_uint32(t) - float_as_uint32(kShift));
-  const float r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4
-  float p = 1.f / 5040.f;
+template <typename L>
+DF_HD typename L::F exp_finite_or_zero_lanes(typename L::F x) {
+  using F = typename L::F;
+  const F lo = F{} - 86.f, hi = F{} + 88.f, zero = F{}, inf = F{} + INFINITY;
+  const F shift = F{} + 12582912.f;  // 1.5 * 2^23: rounds to an integer
+  F xc = x < lo ? lo : x;            // NaN passes through here...
+  xc = xc > hi ? hi : xc;
+  const F t = xc * 1.44269504089f + shift;
+  const F nf = t - shift;
+  const typename L::U n = L::bits(t) - L::bits(shift);
+  const F r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4
+  F p = F{} + 1.f / 5040.f;
   p = p * r + 1.f / 720.f;
   p = p * r + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
@@ -163,9 +186,12 @@ DF_HD float exp_finite_or_zero(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const float y = uint32_as_float(float_as_uint32(p) + (static_cast<uint32_t>(n) << 23));
-  return x != x ? x : (x < -86.f ? 0.f : (x > 88.f ? INFINITY : y));  // ...and is restored here
+  F y = L::from_bits(L::bits(p) + (n << 23));
+  y = x < lo ? zero : y;
+  y = x > hi ? inf : y;
+  return x != x ? x : y;  // ...and is restored here
 }
+DF_HD float exp_finite_or_zero(float x) { return exp_finite_or_zero_lanes<Lanes1>(x); }
 
 // max(a, b) for non-negative, non-NaN floats, as an integer max of the bit patterns (which order like
 // the values). A float select in front of a log lets GCC thread the constant branch into control flow
