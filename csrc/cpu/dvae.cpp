@@ -33,23 +33,6 @@
 namespace dalle_fast {
 namespace {
 
-template <typename F>
-void dispatch_float(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "dalle_fast: unexpected dtype ", st);
-  }
-}
-
 void check_float_dtype(const at::Tensor& t, const char* op, const char* arg) {
   const auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", arg,

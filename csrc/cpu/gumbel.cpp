@@ -455,23 +455,6 @@ Problem make_problem(int64_t seed, int64_t offset, int64_t outer, int64_t K, int
                  static_cast<float>(1.0 / tau)};
 }
 
-template <typename F>
-void dispatch_float(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "dalle_fast: unexpected dtype ", st);
-  }
-}
-
 at::Tensor gumbel_noise_cpu(const at::Tensor& like, at::IntArrayRef shape, int64_t seed, int64_t offset) {
   constexpr const char* op = "gumbel_noise";
   check_float_dtype(like, op, "like");

@@ -30,6 +30,7 @@
 
 #include "common.h"
 #include "dalle_fast/epilogue.h"
+#include "dalle_fast/launch.h"
 
 namespace dalle_fast {
 namespace {
@@ -73,25 +74,6 @@ DF_CLONES bool scale_run(const X* __restrict x, float s, int64_t n, T* __restric
   }
   return bad;
 }
-
-template <typename F>
-void dispatch_float(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "dalle_fast: unexpected dtype ", st);
-  }
-}
-
-bool is_kernel_dtype(at::ScalarType st) { return st == at::kFloat || st == at::kHalf || st == at::kBFloat16; }
 
 void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, ": expected a CPU tensor (the C++ CPU backend), got device ",

@@ -40,6 +40,7 @@
 #include <optional>
 
 #include "dalle_fast/epilogue.h"
+#include "dalle_fast/launch.h"
 
 #include "dalle_fast/device_check.h"
 
@@ -108,25 +109,6 @@ int blocks_for(int64_t numel) {
   const int64_t want = (numel + kThreads - 1) / kThreads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, 65536)));  // grid-stride beyond
 }
-
-template <typename F>
-void dispatch_float(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "dalle_fast: unexpected dtype ", st);
-  }
-}
-
-bool is_kernel_dtype(at::ScalarType st) { return st == at::kFloat || st == at::kHalf || st == at::kBFloat16; }
 
 void check_cuda(const at::Tensor& t, const at::Device& device, const char* op, const char* arg) {
   TORCH_CHECK(t.device() == device, op, ": ", arg, ": expected a tensor on ", device, ", got ", t.device());

@@ -9,6 +9,29 @@
 
 namespace dalle_fast {
 
+// Calls f(T{}) with T = float, c10::Half or c10::BFloat16 for the three float dtypes the kernels take. Callers
+// check the dtype first (is_kernel_dtype, or a check that names the argument); anything else here is a bug.
+template <typename F>
+void dispatch_float(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "dalle_fast: unexpected dtype ", st);
+  }
+}
+
+inline bool is_kernel_dtype(at::ScalarType st) {
+  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
+}
+
 // A tensor seen as a contiguous [outer, K, inner] around its reduction dim (copied only when its layout
 // is not contiguous). The kernels address element (o, k, i) at (o * K + k) * inner + i, which is also
 // its logical row-major index: what the random stream counts.
