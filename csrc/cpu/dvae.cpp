@@ -33,17 +33,6 @@
 namespace dalle_fast {
 namespace {
 
-void check_float_dtype(const at::Tensor& t, const char* op, const char* arg) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", arg,
-              ": expected float16, bfloat16 or float32, got ", st);
-}
-
-void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, ": expected a CPU tensor (the C++ CPU backend), got device ",
-              t.device());
-}
-
 void check_reduction(int64_t reduction, const char* op) {
   TORCH_CHECK(reduction == kReduceNone || reduction == kReduceMean || reduction == kReduceSum, op,
               ": reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);

@@ -439,17 +439,6 @@ void run(Mode mode, const Problem& p, const T* x, const G* dy, T* y, int64_t* am
 // ------------------------------------------------------------------------------------------------
 // Ops: argument checks, views, dtype dispatch.
 
-void check_float_dtype(const at::Tensor& t, const char* op, const char* arg) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", arg,
-              ": expected float16, bfloat16 or float32, got ", st);
-}
-
-void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, ": expected a CPU tensor (the C++ CPU backend), got device ",
-              t.device());
-}
-
 Problem make_problem(int64_t seed, int64_t offset, int64_t outer, int64_t K, int64_t inner, double tau) {
   return Problem{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), outer, K, inner,
                  static_cast<float>(1.0 / tau)};

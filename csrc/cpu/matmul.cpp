@@ -75,11 +75,6 @@ DF_CLONES bool scale_run(const X* __restrict x, float s, int64_t n, T* __restric
   return bad;
 }
 
-void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, ": expected a CPU tensor (the C++ CPU backend), got device ",
-              t.device());
-}
-
 // The effective scale alpha * scale, read on the CPU (free here: the tensor lives in host memory).
 float read_scale(double alpha, const std::optional<at::Tensor>& scale, const char* op) {
   if (!scale.has_value()) return static_cast<float>(alpha);

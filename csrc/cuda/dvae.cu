@@ -440,12 +440,6 @@ void check_cuda(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.is_cuda(), op, ": ", arg, ": expected a CUDA tensor (the cuda backend), got device ", t.device());
 }
 
-void check_dtype(const at::Tensor& t, const char* op, const char* arg) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", arg,
-              ": expected float16, bfloat16 or float32, got ", st);
-}
-
 void check_reduction(int64_t reduction, const char* op) {
   TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction: expected 0 (none), 1 (mean) or 2 (sum), got ",
               reduction);
@@ -466,7 +460,7 @@ QArgs make_qargs(const at::Tensor& logits, int64_t C, double tau, int64_t seed, 
 
 void check_quantize(const at::Tensor& logits, const at::Tensor& weight, double tau, int64_t offset, const char* op) {
   check_cuda(logits, op, "logits");
-  check_dtype(logits, op, "logits");
+  check_float_dtype(logits, op, "logits");
   TORCH_CHECK(logits.dim() >= 2, op, ": logits: expected [B, K, *spatial], got shape ", logits.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == logits.size(1), op, ": weight: expected [C, ", logits.size(1),
               "] (K = logits.size(1)), got shape ", weight.sizes());
@@ -590,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantize_bwd_cuda(const at::Tensor& gr
 
 void check_triple(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lb, const char* op) {
   check_cuda(x, op, "x");
-  check_dtype(x, op, "x");
+  check_float_dtype(x, op, "x");
   TORCH_CHECK(mu.scalar_type() == x.scalar_type() && lb.scalar_type() == x.scalar_type(), op,
               ": mu, log_b: expected the dtype of x (", x.scalar_type(), ")");
   TORCH_CHECK(mu.sizes() == x.sizes() && lb.sizes() == x.sizes(), op, ": mu, log_b: expected the shape of x ",
@@ -668,7 +662,7 @@ std::tuple<at::Tensor, at::Tensor> categorical_kl_uniform_fwd_cuda(const at::Ten
                                                                    int64_t reduction) {
   constexpr const char* op = "categorical_kl_uniform_fwd";
   check_cuda(logits, op, "logits");
-  check_dtype(logits, op, "logits");
+  check_float_dtype(logits, op, "logits");
   check_logits(logits, dim, op);
   check_reduction(reduction, op);
   c10::cuda::CUDAGuard guard(logits.device());
@@ -694,7 +688,7 @@ at::Tensor categorical_kl_uniform_bwd_cuda(const at::Tensor& grad, const at::Ten
                                            int64_t dim, int64_t reduction) {
   constexpr const char* op = "categorical_kl_uniform_bwd";
   check_cuda(logits, op, "logits");
-  check_dtype(logits, op, "logits");
+  check_float_dtype(logits, op, "logits");
   check_logits(logits, dim, op);
   check_reduction(reduction, op);
   c10::cuda::CUDAGuard guard(logits.device());

@@ -699,12 +699,6 @@ bool aligned_for_quads(const void* p, at::ScalarType st) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
-void check_dtype(const at::Tensor& t, const char* op, const char* arg) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", arg,
-              ": expected float16, bfloat16 or float32, got ", st);
-}
-
 void check_cuda(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.is_cuda(), op, ": ", arg, ": expected a CUDA tensor, got a tensor on ", t.device());
 }
@@ -752,7 +746,7 @@ ColConfig col_config(int64_t outer, int64_t K, int64_t inner) {
                    dim3(static_cast<unsigned>(std::min(tiles, kMaxGridX)), static_cast<unsigned>(std::min(outer, kMaxGridY)))};
 }
 
-// Dispatches on the logits dtype: float32, float16, bfloat16 only. check_dtype rejects the rest (fp64
+// Dispatches on the logits dtype: float32, float16, bfloat16 only. check_float_dtype rejects the rest (fp64
 // included) with a clear message first; a plain AT_DISPATCH_FLOATING_TYPES_AND2 would also instantiate
 // every kernel for double, which has no Elem<> and no use here.
 #define DF_DISPATCH(TYPE, NAME, ...)                                    \
@@ -762,7 +756,7 @@ ColConfig col_config(int64_t outer, int64_t K, int64_t inner) {
 at::Tensor gumbel_noise_cuda(const at::Tensor& like, at::IntArrayRef shape, int64_t seed, int64_t offset) {
   constexpr const char* op = "gumbel_noise";
   check_cuda(like, op, "like");
-  check_dtype(like, op, "like");
+  check_float_dtype(like, op, "like");
   for (const int64_t s : shape) TORCH_CHECK(s >= 0, op, ": shape: expected sizes >= 0, got ", shape);
   c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty(shape, like.options().memory_format(at::MemoryFormat::Contiguous));
@@ -824,7 +818,7 @@ at::Tensor gumbel_softmax_fwd_cuda(const at::Tensor& logits, double tau, bool ha
   constexpr const char* op = "gumbel_softmax_fwd";
   check_cuda(logits, op, "logits");
   check_logits(logits, dim, op);
-  check_dtype(logits, op, "logits");
+  check_float_dtype(logits, op, "logits");
   check_tau(tau, op);
   check_offset(offset, logits.numel(), op);
   c10::cuda::CUDAGuard guard(logits.device());
@@ -897,7 +891,7 @@ at::Tensor gumbel_softmax_bwd_cuda(const at::Tensor& grad, const at::Tensor& log
   TORCH_CHECK(grad.device() == logits.device(), op, ": grad: expected a tensor on ", logits.device(), " (the logits' device), got ",
               grad.device());
   check_logits(logits, dim, op);
-  check_dtype(logits, op, "logits");
+  check_float_dtype(logits, op, "logits");
   TORCH_CHECK(grad.is_floating_point(), op, ": grad: expected a floating-point tensor, got ", grad.scalar_type());
   TORCH_CHECK(grad.sizes() == logits.sizes(), op, ": grad: expected shape ", logits.sizes(), " (the logits' shape), got ",
               grad.sizes());
@@ -929,7 +923,7 @@ at::Tensor gumbel_argmax_cuda(const at::Tensor& logits, int64_t dim, int64_t see
   constexpr const char* op = "gumbel_argmax";
   check_cuda(logits, op, "logits");
   check_logits(logits, dim, op);
-  check_dtype(logits, op, "logits");
+  check_float_dtype(logits, op, "logits");
   check_offset(offset, logits.numel(), op);
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor idx = argmax_output(logits, dim, op);

@@ -28,8 +28,17 @@ void dispatch_float(at::ScalarType st, F&& f) {
   }
 }
 
-inline bool is_kernel_dtype(at::ScalarType st) {
-  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
+inline bool is_kernel_dtype(at::ScalarType st) { return st == at::kFloat || st == at::kHalf || st == at::kBFloat16; }
+
+inline void check_float_dtype(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", arg, ": expected float16, bfloat16 or float32, got ",
+              t.scalar_type());
+}
+
+// The C++ CPU backend's device check (the CUDA sources check their own device, which also names the GPU).
+inline void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, ": expected a CPU tensor (the C++ CPU backend), got device ",
+              t.device());
 }
 
 // A tensor seen as a contiguous [outer, K, inner] around its reduction dim (copied only when its layout
