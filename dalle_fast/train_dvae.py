@@ -100,6 +100,7 @@ PRESETS = {
     # 32x32 images -> 8x8 tokens of 4x4 pixels (group_count 3): see the module doc for why not 8x8 pixels
     "small": {"group_count": 3, "n_hid": 32, "n_blk_per_group": 1, "vocab_size": 512, "n_init": 64},
 }
+OBJECT_MARGIN = 2  # --object-weight's neighbourhood: pixels within this many of an object pixel
 MODEL_KEYS = ("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "channels")
 
 
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--decoder-steps", type=int, default=0,
       help="then this many steps training the decoder alone on the argmax codes of the fixed encoder")  # fmt: skip
     a("--decoder-lr", type=float, default=2e-3, help="peak step size of the decoder steps (cosine to 1/20 of it)")
+    a("--object-weight", type=float, default=1.0,
+      help="weight of the reconstruction term within 2 pixels of a non-black one (1: the paper's)")  # fmt: skip
     a("--hard", action="store_true", help="straight-through Gumbel (one-hot codes forward; not the paper's)")
     a("--codebook-std", type=float, default=1.0,
       help="initial std of the decoder's codebook vectors (0: the official init, std 1/sqrt(vocab_size))")  # fmt: skip
@@ -203,7 +206,7 @@ def check_args(args) -> dict:
         _positive(args, name)
     for name in ("ckpt_every", "grid_every", "eval_images", "check_images", "decoder_steps"):
         _positive(args, name, allow_zero=True)
-    for name in ("lr", "tau_start", "tau_end", "decoder_lr"):
+    for name in ("lr", "tau_start", "tau_end", "decoder_lr", "object_weight"):
         v = getattr(args, name)
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"--{name.replace('_', '-')}: expected a finite number > 0, got {v}")
@@ -313,34 +316,50 @@ def check_set(args, n: int):
     return torch.stack([ds[i][0] for i in range(n)]), [ds.scene(i) for i in range(n)]
 
 
-def _mse_term(stats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The squared error between sigmoid(mu) (the first C channels of the decoder's stats) and the mapped pixels."""
-    from .nn.dvae import map_pixels
-
-    return F.mse_loss(torch.sigmoid(stats[:, : x.shape[1]]), map_pixels(x.float()))
-
-
-def objective(out, x: torch.Tensor, recon: str, beta: float) -> torch.Tensor:
-    """The loss to minimise: DiscreteVAE.forward's (recon "logit-laplace", the paper's) or, for "mse", the mean
-    squared error between sigmoid(mu) and the mapped pixels plus the same beta-weighted KL term."""
-    if recon == "logit-laplace":
-        return out.loss
-    ratio = (out.logits.shape[2] * out.logits.shape[3]) / (x.shape[1] * x.shape[2] * x.shape[3])
-    return _mse_term(out.stats, x) + beta * ratio * out.kl
+def pixel_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor | None:
+    """[B, 1, H, W] weights of the reconstruction term: `object_weight` for the pixels within OBJECT_MARGIN
+    pixels (a square neighbourhood) of a non-black one (max over channels above 0.1), 1 elsewhere; None when
+    object_weight is 1 (the paper's unweighted mean)."""
+    if object_weight == 1:
+        return None
+    m = OBJECT_MARGIN
+    near = F.max_pool2d((x.float().amax(1, keepdim=True) > 0.1).float(), 2 * m + 1, stride=1, padding=m)
+    return 1 + (object_weight - 1) * near
 
 
-def decoder_objective(model, x: torch.Tensor, recon: str) -> torch.Tensor:
-    """The loss of a decoder step: the reconstruction term (`recon` as in objective) of the images decoded from
-    their argmax codes, the encoder's (no gradient reaches it): the codes a transformer is trained on and
-    generates, where the ELB's steps decode relaxed samples."""
+def recon_term(stats: torch.Tensor, x: torch.Tensor, recon: str, weights: torch.Tensor | None = None):
+    """The reconstruction term of decoder statistics `stats` [B, 2C, H, W] for images x in [0, 1]: the
+    logit-Laplace NLL ("logit-laplace", the paper's) or the squared error between sigmoid(mu) and the mapped
+    pixels ("mse"), per subpixel: the mean, or with `weights` ([B, 1, H, W], pixel_weights) the weighted mean."""
     from . import ops
     from .nn.dvae import map_pixels
 
-    stats = model.decode_stats(model.get_codebook_indices(x))
-    if recon == "mse":
-        return _mse_term(stats, x)
     c = x.shape[1]
-    return ops.logit_laplace_nll(map_pixels(x.float()), stats[:, :c], stats[:, c:], reduction="mean")
+    target = map_pixels(x.float())
+    if recon == "mse":
+        per = (torch.sigmoid(stats[:, :c]) - target) ** 2
+    else:
+        reduction = "mean" if weights is None else "none"
+        per = ops.logit_laplace_nll(target, stats[:, :c], stats[:, c:], reduction=reduction)
+    if weights is None:
+        return per.mean()
+    return (per * weights).sum() / (weights.sum() * c)
+
+
+def objective(out, x: torch.Tensor, recon: str, beta: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss to minimise: DiscreteVAE.forward's (recon "logit-laplace" unweighted, the paper's) or the
+    reconstruction term of `recon` and `weights` (recon_term) plus the same beta-weighted KL term."""
+    if recon == "logit-laplace" and weights is None:
+        return out.loss
+    ratio = (out.logits.shape[2] * out.logits.shape[3]) / (x.shape[1] * x.shape[2] * x.shape[3])
+    return recon_term(out.stats, x, recon, weights) + beta * ratio * out.kl
+
+
+def decoder_objective(model, x: torch.Tensor, recon: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of a decoder step: the reconstruction term (recon_term) of the images decoded from their
+    argmax codes, the encoder's (no gradient reaches it): the codes a transformer is trained on and
+    generates, where the ELB's steps decode relaxed samples."""
+    return recon_term(model.decode_stats(model.get_codebook_indices(x)), x, recon, weights)
 
 
 def average_gradients(params, world: int) -> None:
@@ -506,14 +525,14 @@ def train(args, *, stream=None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 if step < args.steps:  # the ELB
                     out = net(x, tau=s["tau"], beta=s["beta"], seed=seed, hard=args.hard)
-                    loss = objective(out, x, args.recon, s["beta"])
+                    loss = objective(out, x, args.recon, s["beta"], pixel_weights(x, args.object_weight))
                     scaler.scale(loss).backward()
                 else:  # a decoder step: the encoder (and so every code) stays as the EMA had it at --steps
                     if step == args.steps:
                         ema.copy_to(model)  # EMA updates of the encoder are then exact no-ops (lerp of equals)
                         for p in model.decoder.parameters():  # AdamW's moments start afresh for the new loss
                             optimizer.state.pop(p, None)
-                    loss = decoder_objective(model, x, args.recon)
+                    loss = decoder_objective(model, x, args.recon, pixel_weights(x, args.object_weight))
                     scaler.scale(loss).backward()
                     average_gradients(model.decoder.parameters(), dist.world)
                 scaler.step(optimizer)

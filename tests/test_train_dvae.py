@@ -4,6 +4,7 @@ Models here are tiny (n_hid 8, 16 codes, 32x32 images -> 4x4 tokens) so the whol
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -217,6 +218,49 @@ def test_recon_mse_objective(tmp_path):
     assert torch.allclose(T.objective(out, x, "mse", 2.0), want)
 
 
+def test_object_weight(tmp_path):
+    # pixel_weights: object_weight within OBJECT_MARGIN (2) pixels of a non-black pixel, 1 elsewhere
+    x = torch.rand(3, 3, 32, 32) * 0.05  # dark, below the 0.1 threshold
+    x[0, 1, 5, 7] = 0.8
+    x[2, :, 20:23, 9:11] = 0.6
+    x[1, 0, 31, 0] = 0.3
+    w = T.pixel_weights(x, 5.0)
+    assert T.pixel_weights(x, 1.0) is None and w.shape == (3, 1, 32, 32)
+    want = torch.ones(3, 1, 32, 32)
+    want[0, 0, 3:8, 5:10] = want[2, 0, 18:25, 7:13] = want[1, 0, 29:, :3] = 5.0
+    assert torch.equal(w, want)
+
+    # the weighted objective is sum(w * nll) / (C * sum(w)) + the KL term, against an fp64 eager sum
+    from dalle_fast import reference
+    from dalle_fast.nn.dvae import map_pixels
+
+    args = args_for(tmp_path, "--steps", "2", "--batch-size", "4", "--grid-every", "0", "--object-weight", "4")
+    res = T.train(args, stream=open(os.devnull, "w"))
+    assert res["step"] == 2 and all(math.isfinite(r["loss"]) for r in res["history"])
+    model = res["model"]
+    xs = T.fetch(T.make_dataset(args), range(3), 0).transpose(2, 3) * 0.9 + 0.05  # nothing exactly 0 or 1
+    xs = xs.transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous
+    assert not xs.is_contiguous()
+    out = model(xs, tau=0.7, beta=1.5, seed=3)
+    w = T.pixel_weights(xs, 4.0)
+    st = out.stats.double()
+    nll = reference.logit_laplace_nll(map_pixels(xs.double()), st[:, :3], st[:, 3:], "none")
+    kl = 1.5 * (16 / (3 * 32 * 32)) * out.kl.double()
+    want = (nll * w.double()).sum() / (3 * w.double().sum()) + kl
+    got = T.objective(out, xs, "logit-laplace", 1.5, w)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got.double(), out.loss.double(), rtol=1e-3)  # the weights do change the loss
+    mse = ((out.stats[:, :3].double().sigmoid() - map_pixels(xs.double())) ** 2 * w.double()).sum() / (3 * w.sum())
+    assert torch.allclose(T.objective(out, xs, "mse", 1.5, w).double(), mse + kl, rtol=1e-5, atol=1e-7)
+    # gradients: the weighted decoder objective against the same fp64 sum, through the decoder's parameters
+    p = next(iter(model.decoder.parameters()))
+    g = torch.autograd.grad(T.decoder_objective(model, xs, "logit-laplace", w), p)[0]
+    stats = model.decode_stats(model.get_codebook_indices(xs))
+    n64 = reference.logit_laplace_nll(map_pixels(xs.double()), stats[:, :3].double(), stats[:, 3:].double(), "none")
+    g64 = torch.autograd.grad((n64 * w.double()).sum() / (3 * w.double().sum()), p)[0]
+    assert torch.allclose(g, g64.float(), rtol=1e-4, atol=1e-7)
+
+
 class _Identity(torch.nn.Module):
     """A stand-in dVAE whose argmax reconstruction is the image itself (codes are the images)."""
 
@@ -269,6 +313,7 @@ def test_code_usage():
         (["--ema-decay", "1.5"], "--ema-decay: expected a number in \\[0, 1\\)"),
         (["--decoder-steps", "-1"], "--decoder-steps: expected an integer >= 0, got -1"),
         (["--decoder-lr", "0"], "--decoder-lr: expected a finite number > 0, got 0"),
+        (["--object-weight", "-2"], "--object-weight: expected a finite number > 0, got -2"),
         (["--amp", "on", "--device", "cpu"], "--amp on: fp16 loss scaling needs a CUDA device"),
     ],
 )
