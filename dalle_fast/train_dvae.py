@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="then this many steps training the decoder alone on the argmax codes of the fixed encoder")  # fmt: skip
     a("--decoder-lr", type=float, default=2e-3, help="peak step size of the decoder steps (cosine to 1/20 of it)")
     a("--object-weight", type=float, default=1.0,
-      help="weight of the reconstruction term within 2 pixels of a non-black one (1: the paper's)")  # fmt: skip
+      help=f"reconstruction weight within {OBJECT_MARGIN} pixels of a non-black one (1: the paper's)")  # fmt: skip
     a("--hard", action="store_true", help="straight-through Gumbel (one-hot codes forward; not the paper's)")
     a("--codebook-std", type=float, default=1.0,
       help="initial std of the decoder's codebook vectors (0: the official init, std 1/sqrt(vocab_size))")  # fmt: skip

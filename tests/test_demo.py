@@ -3,6 +3,7 @@ the grid and the per-caption report, prints the three accuracies (generated, dVA
 The accuracy of such a toy run is not the demo's figure (the README's is): this checks the pipeline."""
 
 import pytest
+import torch
 
 from dalle_fast import data, demo, training
 
@@ -15,7 +16,9 @@ TOY = ["--dvae-steps", "4", "--dvae-decoder-steps", "3", "--dalle-steps", "4", "
 
 def test_demo_trains_generates_and_scores(tmp_path, capsys):
     out = tmp_path / "demo"
+    torch.set_num_threads(2)  # the one_thread fixture restores the caller's after the test
     assert demo.main(["--out", str(out), *TOY]) == 0
+    assert torch.get_num_threads() == 2  # the dVAE's --threads 1 does not hold for the transformer and after
     printed = capsys.readouterr().out
     assert training.load_checkpoint(out / "dvae" / "dvae.pt")["step"] == 4 + 3  # the ELB, then the decoder steps
     for k in ("generated", "dvae", "true"):
