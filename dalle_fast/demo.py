@@ -4,6 +4,9 @@ in training) and measure, with the data set's attribute checker, how often the i
 
     python -m dalle_fast.demo --out runs/demo                  # CPU defaults, minutes
     python -m dalle_fast.demo --out runs/demo --skip-training  # evaluate the checkpoints already in runs/demo
+    python -m dalle_fast.demo --out runs/long --seed 3 --dvae-steps 12000 --dalle-steps 12000 \\
+        --dvae-args "--object-weight 8 --threads 1" --dalle-args "--data-length 40000 --seed 0" \\
+        --captions 128 --samples 32                            # ~66 min on 2 cores: 0.844 (README)
 
 The dVAE trains --dvae-steps steps of the ELB, then --dvae-decoder-steps steps of its decoder alone on the argmax
 codes of its (then fixed) encoder (train_dvae --decoder-steps), the codes the transformer learns and generates.
