@@ -41,12 +41,8 @@ def _train_dvae(args) -> str:
     out = os.path.join(args.out, "dvae")
     argv = ["--out", out, "--steps", str(args.dvae_steps), "--decoder-steps", str(args.dvae_decoder_steps),
             "--seed", str(args.seed), "--device", "cpu", *args.dvae_args.split()]  # fmt: skip
-    threads = torch.get_num_threads()  # train_dvae --threads sets torch's; the transformer keeps the caller's
-    try:
-        if train_dvae.main(argv) != 0:
-            raise SystemExit("demo: the dVAE training failed")
-    finally:
-        torch.set_num_threads(threads)
+    if train_dvae.main(argv) != 0:  # its --threads holds for the dVAE only
+        raise SystemExit("demo: the dVAE training failed")
     return os.path.join(out, train_dvae.CHECKPOINT_NAME)
 
 

@@ -457,11 +457,12 @@ def train(args, *, stream=None) -> dict:
     from .nn.dvae import DVAEOutput  # noqa: F401  (documents what forward returns)
 
     config = check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()  # --threads holds for this run only; restored for the caller below
     dist = training.Dist(args.device)
     stream = stream if stream is not None else sys.stderr
     try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         device = dist.device
         use_amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
         if use_amp and device.type != "cuda":
@@ -578,6 +579,7 @@ def train(args, *, stream=None) -> dict:
         return {"step": end, "history": history, "out": args.out, "model": model, "eval": final}
     finally:
         dist.close()
+        torch.set_num_threads(threads)
 
 
 def main(argv=None) -> int:
