@@ -56,3 +56,30 @@ def test_bad_arguments(tmp_path, capsys):
     assert "--guidance-scale: expected a finite number >= 0 (1: off), got -1.0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="rerank_by: expected one of"):
         demo.evaluate("x", "y", captions=1, samples=1, seed=0, top_k=None, temperature=1.0, rerank_by="clip")
+
+
+def test_recipe_sets_the_stage_flags(tmp_path, monkeypatch):
+    from dalle_fast import train_dalle, train_dvae
+
+    seen = {}
+    monkeypatch.setattr(train_dvae, "main", lambda argv: seen.__setitem__("dvae", argv) or 0)
+    monkeypatch.setattr(train_dalle, "main", lambda argv: seen.__setitem__("dalle", argv) or 1)  # stops the demo
+
+    def flag(argv, name):  # the value argparse would keep: the last one given
+        return [argv[i + 1] for i, a in enumerate(argv) if a == name][-1]
+
+    with pytest.raises(SystemExit, match="the transformer training failed"):
+        demo.main(["--out", str(tmp_path), "--recipe", "accurate", "--dvae-args", "--threads 2"])
+    dvae, dalle = seen["dvae"], seen["dalle"]
+    assert (flag(dvae, "--steps"), flag(dvae, "--decoder-steps"), flag(dvae, "--seed")) == ("12000", "4000", "3")
+    assert (flag(dvae, "--object-weight"), flag(dvae, "--threads")) == ("8", "2")  # the caller's --threads wins
+    assert (flag(dalle, "--steps"), flag(dalle, "--data-length"), flag(dalle, "--seed")) == ("12000", "40000", "0")
+    assert flag(dalle, "--text-dropout") == "0.1"
+    seen.clear()
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path), "--dalle-steps", "7"])  # the quick recipe, one step count overridden
+    assert (flag(seen["dvae"], "--steps"), flag(seen["dvae"], "--seed")) == ("8000", "0")
+    assert "--object-weight" not in seen["dvae"]
+    assert (flag(seen["dalle"], "--steps"), flag(seen["dalle"], "--seed")) == ("7", "0")
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path), "--recipe", "slow"])
