@@ -61,25 +61,24 @@ def test_bad_arguments(tmp_path, capsys):
 def test_recipe_sets_the_stage_flags(tmp_path, monkeypatch):
     from dalle_fast import train_dalle, train_dvae
 
-    seen = {}
-    monkeypatch.setattr(train_dvae, "main", lambda argv: seen.__setitem__("dvae", argv) or 0)
-    monkeypatch.setattr(train_dalle, "main", lambda argv: seen.__setitem__("dalle", argv) or 1)  # stops the demo
+    seen = {}  # what the stages' own parsers make of the argv the demo hands them (so every flag must be theirs)
 
-    def flag(argv, name):  # the value argparse would keep: the last one given
-        return [argv[i + 1] for i, a in enumerate(argv) if a == name][-1]
+    def stage(name, parser, rc):
+        return lambda argv: seen.__setitem__(name, parser().parse_args(argv)) or rc
+
+    monkeypatch.setattr(train_dvae, "main", stage("dvae", train_dvae.build_parser, 0))
+    monkeypatch.setattr(train_dalle, "main", stage("dalle", train_dalle.parser, 1))  # 1 stops the demo there
 
     with pytest.raises(SystemExit, match="the transformer training failed"):
         demo.main(["--out", str(tmp_path), "--recipe", "accurate", "--dvae-args", "--threads 2"])
     dvae, dalle = seen["dvae"], seen["dalle"]
-    assert (flag(dvae, "--steps"), flag(dvae, "--decoder-steps"), flag(dvae, "--seed")) == ("12000", "4000", "3")
-    assert (flag(dvae, "--object-weight"), flag(dvae, "--threads")) == ("8", "2")  # the caller's --threads wins
-    assert (flag(dalle, "--steps"), flag(dalle, "--data-length"), flag(dalle, "--seed")) == ("12000", "40000", "0")
-    assert flag(dalle, "--text-dropout") == "0.1"
+    assert (dvae.steps, dvae.decoder_steps, dvae.seed, dvae.object_weight) == (12000, 4000, 3, 8.0)
+    assert dvae.threads == 2  # the caller's flag comes after the recipe's --threads 1, so it wins
+    assert (dalle.steps, dalle.data_length, dalle.seed, dalle.text_dropout) == (12000, 40000, 0, 0.1)
     seen.clear()
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--dalle-steps", "7"])  # the quick recipe, one step count overridden
-    assert (flag(seen["dvae"], "--steps"), flag(seen["dvae"], "--seed")) == ("8000", "0")
-    assert "--object-weight" not in seen["dvae"]
-    assert (flag(seen["dalle"], "--steps"), flag(seen["dalle"], "--seed")) == ("7", "0")
+    assert (seen["dvae"].steps, seen["dvae"].seed, seen["dvae"].object_weight) == (8000, 0, 1.0)
+    assert (seen["dalle"].steps, seen["dalle"].seed, seen["dalle"].data_length) == (7, 0, 10000)
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--recipe", "slow"])
