@@ -60,15 +60,14 @@ def _train_dalle(args, dvae_path: str) -> str:
 
 
 RERANKERS = ("contrastive", "likelihood")
-DVAE_DECODER_STEPS = 4000
 # --recipe: the defaults of the command's flags. "quick" is the demo in about 23 minutes on 2 cores (far below the
 # issue's 0.80); "accurate" the recipe measured at 0.80 and above (README, "The zero-shot demo"): an object-weighted
 # dVAE (seed 3: colour separation depends on the seed) and a transformer trained longer on 4x the scenes.
 RECIPES = {
-    "quick": {"about": "~23 min on 2 cores, all ~0.24", "dvae_steps": 8000, "dvae_decoder_steps": DVAE_DECODER_STEPS,
+    "quick": {"about": "~23 min on 2 cores, all ~0.24", "dvae_steps": 8000, "dvae_decoder_steps": 4000,
               "dalle_steps": 1500, "dvae_args": "", "dalle_args": "", "captions": 64, "samples": 16, "seed": 0},
     "accurate": {"about": "~66 min on 2 cores, all 0.84-0.91", "dvae_steps": 12000,
-                 "dvae_decoder_steps": DVAE_DECODER_STEPS, "dalle_steps": 12000,
+                 "dvae_decoder_steps": 4000, "dalle_steps": 12000,
                  "dvae_args": "--object-weight 8 --threads 1", "dalle_args": "--data-length 40000 --seed 0",
                  "captions": 128, "samples": 32, "seed": 3},
 }  # fmt: skip
