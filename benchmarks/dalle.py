@@ -257,21 +257,19 @@ def goals(records: list[dict], kind: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- runner
 
 
-def settings_from_env() -> dict:
-    return harness.common_settings()
+settings_from_env = harness.common_settings  # the DALLE_FAST_BENCH_* variables, for the pytest wrapper
 
 
 def new_suite(s: dict) -> harness.Suite:
-    repeats, warmup = s["repeats"], None
+    repeats, warmup = None, None
     notes = [
         "tokens_per_s = batch x (L - 1) / median; the eager peer's attention is the dense-masked reference "
         "(fp32 math); sdpa_masked and flex use eager matmuls with that attention only replaced",
     ]
     if s["device"].type == "cuda" and not s["smoke"]:
-        repeats, warmup = repeats or (5 if s["quick"] else 10), 2
+        repeats, warmup = s["repeats"] or (5 if s["quick"] else 10), 2
         notes.append(f"GPU: {repeats} timed steps after {warmup} warm-up steps per backend")
-    return harness.Suite(FAMILY, s["device"], smoke=s["smoke"], quick=s["quick"], repeats=repeats, warmup=warmup,
-                         out_dir=s["out_dir"], time_budget_s=s["time_budget_s"], notes=notes, peers=PEERS)  # fmt: skip
+    return harness.family_suite(FAMILY, s, repeats=repeats, warmup=warmup, notes=notes, peers=PEERS)
 
 
 def main(argv=None) -> int:

@@ -314,18 +314,15 @@ def goals(records: list[dict], kind: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- runner
 
 
-def settings_from_env() -> dict:
-    return harness.common_settings()
+settings_from_env = harness.common_settings  # the DALLE_FAST_BENCH_* variables, for the pytest wrapper
 
 
 def new_suite(s: dict) -> harness.Suite:
-    repeats, warmup = s["repeats"], None
-    notes = []
-    if s["quick"] and s["device"].type == "cuda" and not s["smoke"]:
-        repeats, warmup = repeats or 20, 5
-        notes.append("quick mode: quantizer only, 20 repeats after 5 warm-up calls")
-    return harness.Suite(FAMILY, s["device"], smoke=s["smoke"], quick=s["quick"], repeats=repeats, warmup=warmup,
-                         out_dir=s["out_dir"], time_budget_s=s["time_budget_s"], notes=notes, peers=PEERS)  # fmt: skip
+    repeats, warmup, notes = None, None, []
+    if harness.quick_gpu(s):
+        repeats, warmup = s["repeats"] or harness.QUICK_GPU_REPEATS, harness.QUICK_GPU_WARMUP
+        notes.append(f"quick mode: quantizer only, {repeats} repeats after {warmup} warm-up calls")
+    return harness.family_suite(FAMILY, s, repeats=repeats, warmup=warmup, notes=notes, peers=PEERS)
 
 
 def main(argv=None) -> int:

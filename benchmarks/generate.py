@@ -230,18 +230,16 @@ def goals(records: list[dict], kind: str) -> list[dict]:
     return rows
 
 
-def settings_from_env() -> dict:
-    return harness.common_settings()
+settings_from_env = harness.common_settings  # the DALLE_FAST_BENCH_* variables, for the pytest wrapper
 
 
 def new_suite(s: dict) -> harness.Suite:
     gpu = s["device"].type == "cuda" and not s["smoke"]
-    repeats = s["repeats"] or (3 if gpu else None)  # a call is a thousand model steps
     notes = ["one call = generate() of whole images (every image token, after the text); peers are cache modes "
              "of the same model"]  # fmt: skip
-    return harness.Suite(FAMILY, s["device"], smoke=s["smoke"], quick=s["quick"], repeats=repeats,
-                         warmup=1 if gpu else None, out_dir=s["out_dir"], time_budget_s=s["time_budget_s"],
-                         notes=notes, peers=CPU_PEERS if s["device"].type == "cpu" else PEERS)  # fmt: skip
+    return harness.family_suite(FAMILY, s, repeats=s["repeats"] or (3 if gpu else None),  # a call: 1000 steps
+                                warmup=1 if gpu else None, notes=notes,
+                                peers=CPU_PEERS if s["device"].type == "cpu" else PEERS)  # fmt: skip
 
 
 def main(argv=None) -> int:

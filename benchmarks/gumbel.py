@@ -312,22 +312,12 @@ def new_suite(s: dict) -> harness.Suite:
     notes = []
     if s["cpu_batch"] and s["cpu_batch"] != DVAE_SHAPE[0] and s["device"].type == "cpu" and not s["smoke"]:
         notes.append(f"CPU run: dVAE shape uses B={s['cpu_batch']} instead of {DVAE_SHAPE[0]} to fit the time budget")
-    repeats, warmup = s["repeats"], None
+    repeats, warmup = None, None
     if s["quick"]:
         notes.append("quick mode: fewer dtypes, fewer repeats on GPU, torch.compile only for bwd and fwd+bwd")
-        if s["device"].type == "cuda" and not s["smoke"]:
-            repeats, warmup = repeats or 20, 5
-    return harness.Suite(
-        FAMILY,
-        s["device"],
-        smoke=s["smoke"],
-        quick=s["quick"],
-        repeats=repeats,
-        warmup=warmup,
-        out_dir=s["out_dir"],
-        time_budget_s=s["time_budget_s"],
-        notes=notes,
-    )
+        if harness.quick_gpu(s):
+            repeats, warmup = s["repeats"] or harness.QUICK_GPU_REPEATS, harness.QUICK_GPU_WARMUP
+    return harness.family_suite(FAMILY, s, repeats=repeats, warmup=warmup, notes=notes)
 
 
 def main(argv=None) -> int:

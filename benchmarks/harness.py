@@ -665,6 +665,22 @@ def common_settings() -> dict:
     }
 
 
+QUICK_GPU_REPEATS, QUICK_GPU_WARMUP = 20, 5
+
+
+def quick_gpu(s: dict) -> bool:
+    """Whether the settings ask for a quick timed GPU run (what --quick shortens where it shortens repeats)."""
+    return s["quick"] and s["device"].type == "cuda" and not s["smoke"]
+
+
+def family_suite(family: str, s: dict, *, repeats=None, warmup=None, notes=(), peers=DEFAULT_PEERS) -> Suite:
+    """The Suite of one run of a family with the settings `s` (common_settings, or a family's own that extend
+    them); repeats default to the settings' (DALLE_FAST_BENCH_REPEATS, --repeats)."""
+    return Suite(family, s["device"], smoke=s["smoke"], quick=s["quick"], warmup=warmup,
+                 repeats=s["repeats"] if repeats is None else repeats, out_dir=s["out_dir"],
+                 time_budget_s=s["time_budget_s"], notes=list(notes), peers=peers)  # fmt: skip
+
+
 def family_parser(description: str):
     """A family's command line: --device, --smoke, --quick, --repeats, --time-budget, --out."""
     import argparse

@@ -144,26 +144,14 @@ def goals(records: list[dict], kind: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- runner
 
 
-def settings_from_env() -> dict:
-    """DALLE_FAST_BENCH_* variables shared by the pytest wrapper and the command line."""
-    return harness.common_settings()
+settings_from_env = harness.common_settings  # the DALLE_FAST_BENCH_* variables, for the pytest wrapper
 
 
 def new_suite(s: dict) -> harness.Suite:
     notes = []
     if s["device"].type == "cpu" and not s["smoke"]:
         notes.append(f"CPU run: ((N, d, V), chunk) {CPU_CASES}, fp32, d = 512 to fit 2 shared cores")
-    return harness.Suite(
-        FAMILY,
-        s["device"],
-        smoke=s["smoke"],
-        quick=s["quick"],
-        repeats=s["repeats"],
-        out_dir=s["out_dir"],
-        time_budget_s=s["time_budget_s"],
-        notes=notes,
-        peers=PEERS,
-    )
+    return harness.family_suite(FAMILY, s, notes=notes, peers=PEERS)
 
 
 def main(argv=None) -> int:

@@ -290,9 +290,7 @@ def goals(records: list[dict], kind: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- runner
 
 
-def settings_from_env() -> dict:
-    """DALLE_FAST_BENCH_* variables shared by the pytest wrapper and the command line."""
-    return harness.common_settings()
+settings_from_env = harness.common_settings  # the DALLE_FAST_BENCH_* variables, for the pytest wrapper
 
 
 def new_suite(s: dict) -> harness.Suite:
@@ -302,23 +300,12 @@ def new_suite(s: dict) -> harness.Suite:
             f"CPU run: {CPU_TOKENS} tokens instead of {TOKENS} and d_model {CPU_DMODELS} only, fp32 and bf16 (torch's "
             "fp16 GEMM on CPU is a slow reference loop), to fit a short run on 2 shared cores"
         )
-    repeats, warmup = s["repeats"], None
+    repeats, warmup = None, None
     if s["quick"]:
         notes.append("quick mode: fewer d_model values and dtypes")
-        if s["device"].type == "cuda" and not s["smoke"]:
-            repeats, warmup = repeats or 20, 5
-    return harness.Suite(
-        FAMILY,
-        s["device"],
-        smoke=s["smoke"],
-        quick=s["quick"],
-        repeats=repeats,
-        warmup=warmup,
-        out_dir=s["out_dir"],
-        time_budget_s=s["time_budget_s"],
-        notes=notes,
-        peers=PEERS,
-    )
+        if harness.quick_gpu(s):
+            repeats, warmup = s["repeats"] or harness.QUICK_GPU_REPEATS, harness.QUICK_GPU_WARMUP
+    return harness.family_suite(FAMILY, s, repeats=repeats, warmup=warmup, notes=notes, peers=PEERS)
 
 
 def main(argv=None) -> int:

@@ -137,18 +137,13 @@ def goals(records: list[dict], kind: str) -> list[dict]:
     ]
 
 
-def settings_from_env() -> dict:
-    return harness.common_settings()
+settings_from_env = harness.common_settings  # the DALLE_FAST_BENCH_* variables, for the pytest wrapper
 
 
 def new_suite(s: dict) -> harness.Suite:
-    repeats, warmup = s["repeats"], None
-    if s["device"].type == "cpu" and not s["smoke"]:
-        repeats = repeats or 20  # calls take milliseconds here: 20 repeats cost under a second per backend
-    return harness.Suite(
-        FAMILY, s["device"], smoke=s["smoke"], quick=s["quick"], repeats=repeats, warmup=warmup,
-        out_dir=s["out_dir"], time_budget_s=s["time_budget_s"], peers=peers_for(s["device"]),
-    )  # fmt: skip
+    cpu = s["device"].type == "cpu" and not s["smoke"]
+    # calls take milliseconds on CPU: 20 repeats cost under a second per backend
+    return harness.family_suite(FAMILY, s, repeats=s["repeats"] or (20 if cpu else None), peers=peers_for(s["device"]))
 
 
 def main(argv=None) -> int:
