@@ -11,6 +11,9 @@ train_dalle flags before --dvae-args and --dalle-args (so that the ones given wi
 
 The dVAE trains --dvae-steps steps of the ELB, then --dvae-decoder-steps steps of its decoder alone on the argmax
 codes of its (then fixed) encoder (train_dvae --decoder-steps), the codes the transformer learns and generates.
+Whether a dVAE separates the colours is a matter of its seed; --dvae-seeds N (the accurate recipe: 2) trains N
+of them side by side, one process each, and keeps the one whose reconstructions of fresh training-split scenes
+the checker reads best (dvae_check; OUT/dvae_seeds holds the candidates and their logs).
 The transformer is trained with 10% empty captions (train_dalle --text-dropout 0.1) so that sampling can use
 classifier-free guidance (--guidance-scale); each caption's samples are reranked (--rerank) by the model itself:
 "likelihood" by log p(image | caption) (the default: with guidance, better on longer-trained models and equal
@@ -31,20 +34,115 @@ import argparse
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import torch
+
+
+def _dvae_argv(args, out: str, seed: int, threads: int | None = None) -> list[str]:
+    """train_dvae's argv for one dVAE of the demo: the demo's flags, then --threads (when given), then
+    --dvae-args (the recipe's, then the caller's: the last of a flag wins)."""
+    return ["--out", out, "--steps", str(args.dvae_steps), "--decoder-steps", str(args.dvae_decoder_steps),
+            "--seed", str(seed), "--device", "cpu", *(["--threads", str(threads)] if threads else []),
+            *args.dvae_args.split()]  # fmt: skip
 
 
 def _train_dvae(args) -> str:
     from . import train_dvae
 
     out = os.path.join(args.out, "dvae")
-    argv = ["--out", out, "--steps", str(args.dvae_steps), "--decoder-steps", str(args.dvae_decoder_steps),
-            "--seed", str(args.seed), "--device", "cpu", *args.dvae_args.split()]  # fmt: skip
-    if train_dvae.main(argv) != 0:  # its --threads holds for the dVAE only
+    if args.dvae_seeds > 1:
+        return _train_dvae_seeds(args, out)
+    if train_dvae.main(_dvae_argv(args, out, args.seed)) != 0:  # its --threads holds for the dVAE only
         raise SystemExit("demo: the dVAE training failed")
     return os.path.join(out, train_dvae.CHECKPOINT_NAME)
+
+
+# --dvae-seeds: the candidates are ranked on fresh scenes of the training split (colour-shape pairs the dVAE saw,
+# scenes it did not), never on the held-out split that the demo's figure is read on.
+SELECT_SCENES, SELECT_SEED = 200, 1000
+
+
+@torch.no_grad()
+def dvae_check(dvae_path: str) -> dict:
+    """data.check of the argmax reconstructions (EMA weights, what load_dvae returns) of SELECT_SCENES fresh
+    training-split scenes: {attribute: fraction right} over count, shape, colour, position and all."""
+    from . import data
+    from .train_dvae import check_accuracy, load_dvae
+
+    vae = load_dvae(dvae_path)
+    ds = data.SyntheticShapes("train", SELECT_SCENES, vae.image_size, seed=SELECT_SEED)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    return check_accuracy(vae, images, [ds.scene(i) for i in range(len(ds))])["recon"]
+
+
+def _launch(argv: list[str], log) -> subprocess.Popen:
+    """One train_dvae process (stdout and stderr to `log`), importing this copy of dalle_fast."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+    return subprocess.Popen([sys.executable, "-m", "dalle_fast.train_dvae", *argv], stdout=log, stderr=log, env=env)
+
+
+def _last_line(path: str) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4096))
+        lines = f.read().decode(errors="replace").replace("\r", "\n").split("\n")
+    return next((ln.strip() for ln in reversed(lines) if ln.strip()), "(no output yet)")
+
+
+def _train_dvae_seeds(args, out: str, poll_s: float = 1.0, report_s: float = 120.0) -> str:
+    """Train --dvae-seeds dVAEs (seeds --seed, --seed + 1, ...) side by side, one process each (--threads: the
+    cores this process may use, shared out, unless --dvae-args sets it), keep the one whose reconstructions
+    dvae_check reads best (ties: the lowest seed) and copy its checkpoint to `out`. Colour separation is a matter
+    of the seed (README, "The zero-shot demo"): N seeds make a failed one the choice only if all N fail."""
+    from . import training
+    from .train_dvae import CHECKPOINT_NAME
+
+    seeds = [args.seed + i for i in range(args.dvae_seeds)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    root = os.path.join(args.out, "dvae_seeds")
+    os.makedirs(root, exist_ok=True)
+    runs = {}
+    for s in seeds:
+        log_path = os.path.join(root, f"seed{s}.log")
+        log = open(log_path, "w")  # noqa: SIM115 (closed when the process ends)
+        argv = _dvae_argv(args, os.path.join(root, f"seed{s}"), s, threads=max(1, cores // len(seeds)))
+        runs[s] = (_launch(argv, log), log, log_path)
+    print(f"demo: training {len(seeds)} dVAEs side by side (seeds {', '.join(map(str, seeds))}; logs in {root})")
+    try:
+        last = time.monotonic()
+        while any(p.poll() is None for p, _, _ in runs.values()):
+            time.sleep(poll_s)
+            if time.monotonic() - last >= report_s:
+                last = time.monotonic()
+                for s, (_, _, log_path) in runs.items():
+                    print(f"demo: dVAE seed {s}: {_last_line(log_path)}", flush=True)
+    finally:
+        for p, log, _ in runs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            log.close()
+    failed = [
+        f"seed {s} (exit status {p.returncode}; {log_path})" for s, (p, _, log_path) in runs.items() if p.returncode
+    ]
+    if failed:
+        raise SystemExit(f"demo: the dVAE training failed: {'; '.join(failed)}")
+    checks = {s: dvae_check(os.path.join(root, f"seed{s}", CHECKPOINT_NAME)) for s in seeds}
+    best = max(seeds, key=lambda s: (checks[s]["all"], -s))
+    for s in seeds:
+        c = checks[s]
+        print(
+            f"demo: dVAE seed {s}: data.check of {SELECT_SCENES} fresh training-split scenes (EMA weights): all "
+            f"{c['all']:.3f} (shape {c['shape']:.3f}, colour {c['colour']:.3f}){'  <- kept' if s == best else ''}"
+        )
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, CHECKPOINT_NAME)
+    training.atomic_save(training.load_checkpoint(os.path.join(root, f"seed{best}", CHECKPOINT_NAME)), path)
+    return path
 
 
 def _train_dalle(args, dvae_path: str) -> str:
@@ -65,11 +163,12 @@ RERANKERS = ("contrastive", "likelihood")
 # dVAE (seed 3: colour separation depends on the seed) and a transformer trained longer on 4x the scenes.
 RECIPES = {
     "quick": {"about": "~23 min on 2 cores, all ~0.24", "dvae_steps": 8000, "dvae_decoder_steps": 4000,
-              "dalle_steps": 1500, "dvae_args": "", "dalle_args": "", "captions": 64, "samples": 16, "seed": 0},
+              "dalle_steps": 1500, "dvae_args": "", "dalle_args": "", "captions": 64, "samples": 16, "seed": 0,
+              "dvae_seeds": 1},
     "accurate": {"about": "~66 min on 2 cores, all 0.84-0.91", "dvae_steps": 12000,
                  "dvae_decoder_steps": 4000, "dalle_steps": 12000,
                  "dvae_args": "--object-weight 8 --threads 1", "dalle_args": "--data-length 40000 --seed 0",
-                 "captions": 128, "samples": 32, "seed": 3},
+                 "captions": 128, "samples": 32, "seed": 3, "dvae_seeds": 2},
 }  # fmt: skip
 
 
@@ -139,6 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dvae-steps", type=int, default=None, help="train_dvae --steps (6000 or more: colour needs it)")
     ap.add_argument("--dvae-decoder-steps", type=int, default=None,
                     help="train_dvae --decoder-steps: then the decoder alone on argmax codes (0: none)")  # fmt: skip
+    ap.add_argument("--dvae-seeds", type=int, default=None,
+                    help="train this many dVAEs side by side (seeds --seed, --seed + 1, ...) and keep the one whose "
+                    "reconstructions of fresh training-split scenes data.check reads best")  # fmt: skip
     ap.add_argument("--dalle-steps", type=int, default=None)
     ap.add_argument("--dvae-args", default="",
                     help="more train_dvae flags, after the recipe's (so they win), e.g. '--threads 1'")  # fmt: skip
@@ -159,12 +261,12 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-training", action="store_true", help="evaluate the checkpoints already in --out")
     args = ap.parse_args(argv)
     recipe = RECIPES[args.recipe]
-    for name in ("dvae_steps", "dvae_decoder_steps", "dalle_steps", "captions", "samples", "seed"):
+    for name in ("dvae_steps", "dvae_decoder_steps", "dvae_seeds", "dalle_steps", "captions", "samples", "seed"):
         if getattr(args, name) is None:
             setattr(args, name, recipe[name])
     args.dvae_args = " ".join(filter(None, (recipe["dvae_args"], args.dvae_args)))
     args.dalle_args = " ".join(filter(None, (recipe["dalle_args"], args.dalle_args)))
-    for name in ("dvae_steps", "dalle_steps", "captions", "samples"):
+    for name in ("dvae_steps", "dvae_seeds", "dalle_steps", "captions", "samples"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if args.dvae_decoder_steps < 0:
