@@ -6,8 +6,9 @@ in training) and measure, with the data set's attribute checker, how often the i
     python -m dalle_fast.demo --out runs/demo --skip-training    # evaluate the checkpoints already in runs/demo
     python -m dalle_fast.demo --out runs/long --recipe accurate  # ~66 min on 2 cores: all 0.84-0.91 (README)
 
---recipe sets the defaults of the steps, the captions, the samples and the seed, and puts its own train_dvae and
-train_dalle flags before --dvae-args and --dalle-args (so that the ones given win); RECIPES lists them.
+--recipe sets the defaults of the steps, the dVAE seeds, the captions, the samples and the seed, and puts its own
+train_dvae and train_dalle flags before --dvae-args and --dalle-args (so that the ones given win); RECIPES lists
+them.
 
 The dVAE trains --dvae-steps steps of the ELB, then --dvae-decoder-steps steps of its decoder alone on the argmax
 codes of its (then fixed) encoder (train_dvae --decoder-steps), the codes the transformer learns and generates.
