@@ -70,13 +70,10 @@ SELECT_SCENES, SELECT_SEED = 200, 1000
 def dvae_check(dvae_path: str) -> dict:
     """data.check of the argmax reconstructions (EMA weights, what load_dvae returns) of SELECT_SCENES fresh
     training-split scenes: {attribute: fraction right} over count, shape, colour, position and all."""
-    from . import data
-    from .train_dvae import check_accuracy, load_dvae
+    from .train_dvae import check_accuracy, load_dvae, scene_set
 
     vae = load_dvae(dvae_path)
-    ds = data.SyntheticShapes("train", SELECT_SCENES, vae.image_size, seed=SELECT_SEED)
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    return check_accuracy(vae, images, [ds.scene(i) for i in range(len(ds))])["recon"]
+    return check_accuracy(vae, *scene_set("train", SELECT_SCENES, vae.image_size, SELECT_SEED))["recon"]
 
 
 def _launch(argv: list[str], log) -> subprocess.Popen:

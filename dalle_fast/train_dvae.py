@@ -317,9 +317,15 @@ def check_accuracy(model, images: torch.Tensor, scenes, batch_size: int = 64) ->
 def check_set(args, n: int):
     """The first n held-out scenes (SyntheticShapes "test" split: colour/shape combinations the training split
     lacks) at the training image size: (images [n, 3, S, S], scenes)."""
+    return scene_set("test", n, args.image_size, args.seed)
+
+
+def scene_set(split: str, n: int, image_size: int, seed: int):
+    """The first n scenes of SyntheticShapes(split, seed=seed) rendered at image_size: (images [n, 3, S, S],
+    scenes), what check_accuracy reads."""
     from . import data
 
-    ds = data.SyntheticShapes("test", n, args.image_size, seed=args.seed)
+    ds = data.SyntheticShapes(split, n, image_size, seed=seed)
     return torch.stack([ds[i][0] for i in range(n)]), [ds.scene(i) for i in range(n)]
 
 

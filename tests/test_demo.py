@@ -130,7 +130,7 @@ def test_dvae_seeds_keeps_the_best_checked(tmp_path, monkeypatch, capsys):
 
     def check(path):
         checks[path] = real_check(path)
-        return dict(checks[path], all=0.5 if f"seed{1}" in path else 0.25)
+        return dict(checks[path], all=0.5 if "seed1" in path else 0.25)
 
     monkeypatch.setattr(demo, "dvae_check", check)
     assert demo.main(["--out", str(out), *TOY, "--dvae-seeds", "2", "--captions", "1"]) == 0
